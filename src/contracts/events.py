@@ -1,0 +1,272 @@
+"""Event contracts: one envelope, a payload union discriminated by ``type``.
+
+Every message on a stampflow topic is an :class:`Envelope` serialised as JSON. The Kafka key
+is the envelope's namespace, so one namespace keeps its order inside one partition.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeAlias
+from uuid import UUID, uuid5
+
+from pydantic import (
+    AwareDatetime,
+    Base64Bytes,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    model_validator,
+)
+
+EVENT_VERSION = 1
+
+Namespace = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", strict=True)
+]
+Blake3Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+WorkflowKind = Literal["stamp", "generation"]
+
+# Generation limits: what a request may ask for. The effect node's contract may set lower ones.
+MAX_PROMPT_CHARS = 2000
+MAX_PIXELS = 2048 * 2048
+MIN_SIDE, MAX_SIDE = 16, 4096
+MIN_STEPS, MAX_STEPS = 1, 100
+
+
+class Frozen(BaseModel):
+    """Base of every contract model: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+class StampRequested(Frozen):
+    """Stamp one piece of content: a file under the content root, or inline bytes (base64)."""
+
+    type: Literal["stamp.requested"] = "stamp.requested"
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    content: Base64Bytes | None = None
+    content_type: str | None = Field(default=None, max_length=255)
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> StampRequested:
+        if (self.path is None) == (self.content is None):
+            raise ValueError("give exactly one of 'path' or 'content'")
+        return self
+
+
+class GenerationRequested(Frozen):
+    """Generate an image. Without a seed, one is derived from the request's event id."""
+
+    type: Literal["generation.requested"] = "generation.requested"
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    width: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
+    height: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
+    num_inference_steps: int = Field(default=4, ge=MIN_STEPS, le=MAX_STEPS)
+    guidance_scale: float = Field(default=0.0, ge=0.0, le=30.0)
+    true_cfg_scale: float = Field(default=1.0, ge=1.0, le=30.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    model: str = Field(default="flux-schnell", min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _pixel_cap(self) -> GenerationRequested:
+        if self.width * self.height > MAX_PIXELS:
+            raise ValueError(
+                f"width*height = {self.width * self.height} exceeds the cap of {MAX_PIXELS} pixels"
+            )
+        return self
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+class WorkflowTransitioned(Frozen):
+    """One FSM transition of one workflow. ``seq`` counts transitions from 1."""
+
+    type: Literal["workflow.transitioned"] = "workflow.transitioned"
+    workflow_id: UUID
+    workflow_kind: WorkflowKind
+    seq: int = Field(ge=1)
+    from_state: str | None
+    to_state: str
+    trigger: str
+    reason: str | None = None
+
+
+class StampCreated(Frozen):
+    type: Literal["stamp.created"] = "stamp.created"
+    workflow_id: UUID
+    hash: Blake3Hex
+    algorithm: Literal["blake3"] = "blake3"
+    size: int = Field(ge=0)
+    content_type: str
+    stamped_at: AwareDatetime
+    source: str | None = None  # the request's path, when it named one
+
+
+class GenerationCompleted(Frozen):
+    type: Literal["generation.completed"] = "generation.completed"
+    workflow_id: UUID
+    artifact_uri: str
+    hash: Blake3Hex
+    size: int = Field(ge=0)
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    model: str
+    device: str
+    prompt_tokens: int = Field(ge=0)
+    truncated_tokens: int = Field(default=0, ge=0)
+    negative_prompt_ignored: bool = False
+    batch_size: int = Field(default=1, ge=1)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class WorkflowCompleted(Frozen):
+    type: Literal["workflow.completed"] = "workflow.completed"
+    workflow_id: UUID
+    workflow_kind: WorkflowKind
+    duration_ms: float = Field(ge=0)
+
+
+class WorkflowFailed(Frozen):
+    type: Literal["workflow.failed"] = "workflow.failed"
+    workflow_id: UUID
+    workflow_kind: WorkflowKind
+    error_code: str
+    reason: str = Field(max_length=2000)
+
+
+Payload: TypeAlias = Annotated[
+    StampRequested
+    | GenerationRequested
+    | WorkflowTransitioned
+    | StampCreated
+    | GenerationCompleted
+    | WorkflowCompleted
+    | WorkflowFailed,
+    Field(discriminator="type"),
+]
+
+PAYLOAD_MODELS: tuple[type[Frozen], ...] = (
+    StampRequested,
+    GenerationRequested,
+    WorkflowTransitioned,
+    StampCreated,
+    GenerationCompleted,
+    WorkflowCompleted,
+    WorkflowFailed,
+)
+EVENT_TYPES: dict[str, type[Frozen]] = {
+    model.model_fields["type"].default: model for model in PAYLOAD_MODELS
+}
+MODELS_BY_NAME: dict[str, type[Frozen]] = {model.__name__: model for model in PAYLOAD_MODELS}
+
+REQUEST_TYPES = frozenset({"stamp.requested", "generation.requested"})
+RESULT_TYPES = frozenset(EVENT_TYPES) - REQUEST_TYPES
+
+
+class Envelope(Frozen):
+    """What travels on every topic. ``event_type`` repeats the payload's ``type``."""
+
+    event_id: UUID
+    event_type: str
+    event_version: Literal[1] = EVENT_VERSION
+    namespace: Namespace
+    correlation_id: UUID
+    causation_id: UUID | None = None
+    occurred_at: AwareDatetime
+    source: str = Field(min_length=1, max_length=200)
+    payload: Payload
+
+    @model_validator(mode="after")
+    def _type_matches_payload(self) -> Envelope:
+        if self.event_type != self.payload.type:
+            raise ValueError(
+                f"event_type {self.event_type!r} does not match payload type "
+                f"{self.payload.type!r}"
+            )
+        return self
+
+    def key(self) -> bytes:
+        """The Kafka key: the namespace, so each namespace keeps its order."""
+        return self.namespace.encode()
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+_ENVELOPE = TypeAdapter(Envelope)
+
+
+def decode(raw: bytes) -> Envelope:
+    """Parse and validate one message. Raises pydantic's ValidationError on any problem."""
+    return _ENVELOPE.validate_json(raw)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def derive_id(parent: UUID, *parts: object) -> UUID:
+    """A deterministic child id: the same parent and parts always give the same UUID.
+
+    Workflow and event ids are derived from the request's event id this way, so a request
+    re-delivered after a crash produces exactly the same ids, and the reducer counts it once.
+    """
+    return uuid5(parent, ":".join(str(part) for part in parts))
+
+
+def derive_seed(request_id: UUID) -> int:
+    """The generation seed used when a request gives none: stable for a given request id."""
+    return derive_id(request_id, "seed").int % (2**63)
+
+
+def envelope_for(
+    payload: Any,
+    *,
+    namespace: str,
+    event_id: UUID,
+    correlation_id: UUID,
+    causation_id: UUID | None,
+    source: str,
+    occurred_at: datetime | None = None,
+) -> Envelope:
+    return Envelope(
+        event_id=event_id,
+        event_type=payload.type,
+        namespace=namespace,
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+        occurred_at=occurred_at or utc_now(),
+        source=source,
+        payload=payload,
+    )
+
+
+def probe_identity(raw: bytes) -> tuple[str, UUID] | None:
+    """Best effort: the namespace and event id of a message that failed validation.
+
+    A request whose namespace and id can be read fails as ``workflow.failed`` with a reason;
+    anything less readable goes to the dead-letter topic. Never raises.
+    """
+    try:
+        doc = json.loads(raw)
+        namespace = doc["namespace"]
+        event_id = UUID(str(doc["event_id"]))
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not isinstance(namespace, str) or not NAMESPACE_PATTERN.match(namespace):
+        return None
+    return namespace, event_id

@@ -1,0 +1,402 @@
+"""The orchestrator's thin async runner: Kafka in, the pure core, effects, Kafka out.
+
+- Up to ``max_in_flight`` workflows run at once; each record is one task.
+- An offset is committed only when every record at or below it is finished.
+- Every event of a workflow is published, and delivery confirmed, before its record counts
+  as finished. Ids are deterministic, so a record re-run after a crash or a failed publish
+  publishes the same events again and the reducer applies them once.
+- A broker that fails trips the circuit breaker: consumption pauses, publishing retries with
+  backoff, and resumes when the broker answers again.
+- SIGTERM (``stop`` set): no new records, in-flight work finishes, offsets are committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+from nodes.stamping import StampError, StampingNode
+from pydantic import ValidationError
+
+from contracts.events import (
+    REQUEST_TYPES,
+    Envelope,
+    GenerationRequested,
+    WorkflowKind,
+    decode,
+    probe_identity,
+)
+from contracts.nodes import NodeContract
+from nodes.deadletter import dead_letter, dlq_topic, one_line
+from nodes.fsm import Workflow
+from nodes.offsets import OffsetTracker, PartitionKey
+from nodes.orchestrator.core import (
+    CallInference,
+    CallStamping,
+    Command,
+    EffectFailed,
+    Emit,
+    Finished,
+    OrchestratorCore,
+    Outcome,
+    StampSucceeded,
+)
+from stampflow.observability import (
+    DLQ_RECORDS,
+    RETRIES,
+    TRANSITIONS,
+    WORKFLOW_LATENCY,
+    WORKFLOWS,
+    WORKFLOWS_IN_FLIGHT,
+)
+from stampflow.resilience import BreakerState, CircuitBreaker, CircuitOpen
+
+log = structlog.get_logger("stampflow.orchestrator")
+
+
+class EventPublisher(Protocol):
+    """Where the orchestrator's events go. ``send`` returns once the broker has them."""
+
+    async def send(self, topic: str, value: bytes, key: bytes | None) -> None: ...
+
+    async def send_many(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None: ...
+
+
+class InferenceEffect(Protocol):
+    """The inference effect node as the orchestrator sees it (see ``inference``)."""
+
+    async def generate(
+        self, request: GenerationRequested, seed: int, workflow: Workflow
+    ) -> Outcome: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorConfig:
+    requests_topic: str
+    events_topic: str
+    max_in_flight: int
+    commit_interval_s: float = 0.2
+    shutdown_grace_s: float = 25.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        *,
+        contract: NodeContract,
+        core: OrchestratorCore,
+        config: OrchestratorConfig,
+        consumer_factory: Callable[[ConsumerRebalanceListener], AIOKafkaConsumer],
+        publisher: EventPublisher,
+        stamping: StampingNode,
+        inference: InferenceEffect | None = None,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.contract = contract
+        self.core = core
+        self.config = config
+        self._consumer_factory = consumer_factory
+        self.publisher = publisher
+        self.stamping = stamping
+        self.inference = inference
+        self.clock = clock
+        self.breaker = CircuitBreaker("broker", contract.io_policy.circuit_breaker)
+        self.tracker = OffsetTracker()
+        self._tasks: dict[PartitionKey, set[asyncio.Task[None]]] = {}
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._consumer: AIOKafkaConsumer | None = None
+        self.ready = False
+        self.processed = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        consumer = self._consumer_factory(_Rebalance(self))
+        self._consumer = consumer
+        await consumer.start()
+        self.ready = True
+        log.info("orchestrator started", topic=self.config.requests_topic,
+                 max_in_flight=self.config.max_in_flight)
+        last_commit = time.monotonic()
+        try:
+            while not stop.is_set():
+                self._pause_while_broken(consumer)
+                await self._slots.acquire()
+                self._slots.release()
+                free = max(1, self._free_slots())
+                batch = await consumer.getmany(timeout_ms=100, max_records=free)
+                for tp, records in batch.items():
+                    for record in records:
+                        await self._slots.acquire()
+                        self._spawn(tp, record)
+                if time.monotonic() - last_commit >= self.config.commit_interval_s:
+                    await self._commit(consumer)
+                    last_commit = time.monotonic()
+        finally:
+            self.ready = False
+            await self._drain(consumer)
+            await consumer.stop()
+            log.info("orchestrator stopped", processed=self.processed)
+
+    def _free_slots(self) -> int:
+        return self.config.max_in_flight - self.tracker.in_flight()
+
+    def _pause_while_broken(self, consumer: AIOKafkaConsumer) -> None:
+        assigned = consumer.assignment()
+        if not assigned:
+            return
+        if self.breaker.state is BreakerState.OPEN:
+            if not consumer.paused():
+                log.warning("broker circuit open: pausing consumption")
+                consumer.pause(*assigned)
+        elif consumer.paused():
+            log.info("broker circuit closed: resuming consumption")
+            consumer.resume(*assigned)
+
+    async def _drain(self, consumer: AIOKafkaConsumer, keys: set[PartitionKey] | None = None,
+                     ) -> None:
+        tasks = [
+            task for key, group in self._tasks.items() if keys is None or key in keys
+            for task in group
+        ]
+        if tasks:
+            log.info("finishing in-flight workflows", count=len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
+            for task in pending:
+                task.cancel()
+        await self._commit(consumer, keys)
+
+    async def _commit(self, consumer: AIOKafkaConsumer,
+                      keys: set[PartitionKey] | None = None) -> None:
+        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        offsets = {
+            TopicPartition(*key): offset for key, offset in self.tracker.committable().items()
+            if key in assigned and (keys is None or key in keys)
+        }
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except CommitFailedError as err:
+            # The group moved on (rebalance): the new owner re-runs these records, and the
+            # deterministic ids make that harmless.
+            log.warning("offset commit refused by the group", error=str(err))
+        except KafkaError as err:
+            log.warning("offset commit failed; will retry", error=str(err))
+
+    # --- one record --------------------------------------------------------------------------
+
+    def _spawn(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        key = (tp.topic, tp.partition)
+        self.tracker.started(key, record.offset)
+        task = asyncio.create_task(self._handle(record))
+        group = self._tasks.setdefault(key, set())
+        group.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            group.discard(t)
+            self._slots.release()
+            if not t.cancelled():
+                self.tracker.finished(key, record.offset)
+
+        task.add_done_callback(done)
+
+    async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        WORKFLOWS_IN_FLIGHT.inc()
+        try:
+            while True:
+                try:
+                    await self._process(record)
+                    self.breaker.success()
+                    self.processed += 1
+                    return
+                except (KafkaError, CircuitOpen) as err:
+                    # Publishing failed: run the whole record again later. Same ids, so the
+                    # events already delivered are applied once by the reducer.
+                    if not isinstance(err, CircuitOpen):
+                        self.breaker.failure()
+                    RETRIES.labels("broker").inc()
+                    wait = err.retry_in_s if isinstance(err, CircuitOpen) else (
+                        self.contract.io_policy.retry.backoff_ms(self.breaker.failures) / 1000.0)
+                    log.warning("publish failed; retrying", error=str(err), wait_s=round(wait, 3),
+                                offset=record.offset, partition=record.partition)
+                    await asyncio.sleep(wait)
+        finally:
+            WORKFLOWS_IN_FLIGHT.dec()
+
+    async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        self.breaker.check()
+        raw = record.value or b""
+        try:
+            request = decode(raw)
+        except ValidationError as err:
+            await self._reject_or_dlq(record, raw, one_line(err))
+            return
+        if request.event_type not in REQUEST_TYPES:
+            await self._reject(request.namespace, request, _kind_of(request.event_type),
+                               "unexpected_event",
+                               f"{request.event_type} is not a request; expected one of "
+                               f"{sorted(REQUEST_TYPES)}")
+            return
+        structlog.contextvars.bind_contextvars(correlation_id=str(request.event_id),
+                                               namespace=request.namespace)
+        try:
+            workflow, commands = self.core.start(request, self.clock())
+            await self._execute(workflow, commands, request)
+        finally:
+            structlog.contextvars.unbind_contextvars("correlation_id", "namespace")
+
+    async def _execute(self, workflow: Workflow, commands: list[Command],
+                       request: Envelope) -> None:
+        pending: list[tuple[bytes, bytes]] = []
+        queue = list(commands)
+        while queue:
+            command = queue.pop(0)
+            match command:
+                case Emit(envelope=envelope):
+                    pending.append((envelope.key(), envelope.to_bytes()))
+                    payload = envelope.payload
+                    if payload.type == "workflow.transitioned":
+                        TRANSITIONS.labels(workflow.kind, getattr(payload, "to_state", "")).inc()
+                        log.debug("transition", workflow_id=str(workflow.workflow_id),
+                                  to_state=getattr(payload, "to_state", None))
+                case CallStamping(request=stamp_request):
+                    # Publish what happened so far before the (possibly long) effect.
+                    await self._flush(pending)
+                    outcome = await self._stamp(stamp_request, request.namespace)
+                    _, more = self.core.step(workflow, outcome)
+                    queue[:0] = more
+                case CallInference(request=gen_request, seed=seed):
+                    await self._flush(pending)
+                    outcome = await self._generate(gen_request, seed, workflow)
+                    _, more = self.core.step(workflow, outcome)
+                    queue[:0] = more
+                case Finished(state=state):
+                    WORKFLOWS.labels(workflow.kind, state).inc()
+                    WORKFLOW_LATENCY.labels(workflow.kind).observe(
+                        max(0.0, (self.clock() - request.occurred_at).total_seconds()))
+                    log.info("workflow finished", workflow_id=str(workflow.workflow_id),
+                             kind=workflow.kind, state=state)
+        await self._flush(pending)
+
+    async def _flush(self, pending: list[tuple[bytes, bytes]]) -> None:
+        if pending:
+            await self.publisher.send_many(self.config.events_topic, pending)
+            pending.clear()
+
+    async def _stamp(self, request: Any, namespace: str) -> Outcome:
+        timeout = self.contract.io_policy.timeout_ms / 1000.0
+        try:
+            if request.path is not None:
+                stamp = await asyncio.wait_for(
+                    asyncio.to_thread(self.stamping.stamp_path, request.path,
+                                      namespace=namespace), timeout)
+            else:
+                data: bytes = request.content
+                if len(data) > 256 * 1024:
+                    stamp = await asyncio.wait_for(asyncio.to_thread(
+                        self.stamping.stamp_bytes, data, namespace=namespace,
+                        content_type=request.content_type), timeout)
+                else:
+                    stamp = self.stamping.stamp_bytes(data, namespace=namespace,
+                                                      content_type=request.content_type)
+        except StampError as err:
+            return EffectFailed(err.code, str(err), self.clock())
+        except TimeoutError:
+            return EffectFailed("timeout", f"stamping took longer than {timeout:.1f}s",
+                                self.clock())
+        return StampSucceeded(stamp.hash, stamp.size, stamp.content_type, stamp.stamped_at,
+                              self.clock())
+
+    async def _generate(self, request: GenerationRequested, seed: int,
+                        workflow: Workflow) -> Outcome:
+        if self.inference is None:
+            return EffectFailed("no_inference",
+                                "this orchestrator runs without an inference effect node",
+                                self.clock())
+        return await self.inference.generate(request, seed, workflow)
+
+    # --- bad input ---------------------------------------------------------------------------
+
+    async def _reject_or_dlq(self, record: ConsumerRecord[bytes, bytes], raw: bytes,
+                             reason: str) -> None:
+        identity = probe_identity(raw)
+        if identity is None:
+            await self._dead_letter(record, raw, reason)
+            return
+        namespace, request_id = identity
+        kind = _kind_of(_peek_type(raw))
+        workflow, commands = self.core.reject(namespace, request_id, kind, "invalid_request",
+                                              reason, self.clock())
+        log.warning("invalid request", namespace=namespace, request_id=str(request_id),
+                    reason=reason)
+        await self._execute_plain(commands)
+
+    async def _reject(self, namespace: str, request: Envelope, kind: WorkflowKind, code: str,
+                      reason: str) -> None:
+        _, commands = self.core.reject(namespace, request.event_id, kind, code, reason,
+                                       self.clock())
+        log.warning("rejected request", namespace=namespace, request_id=str(request.event_id),
+                    reason=reason)
+        await self._execute_plain(commands)
+
+    async def _execute_plain(self, commands: list[Command]) -> None:
+        pending = [(c.envelope.key(), c.envelope.to_bytes()) for c in commands
+                   if isinstance(c, Emit)]
+        for c in commands:
+            if isinstance(c, Finished):
+                WORKFLOWS.labels("invalid", c.state).inc()
+        await self._flush(pending)
+
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
+        dlq = dlq_topic(record.topic)
+        doc = dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
+                          key=record.key, value=record.value, error=reason,
+                          node=self.contract.name, at=self.clock())
+        await self.publisher.send(dlq, doc, record.key)
+        DLQ_RECORDS.labels(record.topic).inc()
+        log.warning("record sent to dead-letter topic", dlq=dlq, partition=record.partition,
+                    offset=record.offset, error=reason)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Before partitions go to another member: finish their workflows and commit."""
+
+    def __init__(self, node: Orchestrator) -> None:
+        self.node = node
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        consumer = self.node._consumer
+        keys = {(tp.topic, tp.partition) for tp in revoked}
+        if consumer is not None and keys:
+            await self.node._drain(consumer, keys)
+        for key in keys:
+            self.node.tracker.forget(key)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+def _peek_type(raw: bytes) -> str:
+    try:
+        doc = json.loads(raw)
+        return str(doc.get("event_type") or doc.get("payload", {}).get("type") or "")
+    except (ValueError, AttributeError, TypeError):
+        return ""
+
+
+def _kind_of(event_type: str) -> WorkflowKind:
+    return "generation" if event_type.startswith("generation") else "stamp"

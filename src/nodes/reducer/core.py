@@ -1,0 +1,328 @@
+"""The reducer's pure core: ``reduce(state, events) -> (state, writes)``. No I/O, no awaits.
+
+The runner has already removed events applied before (exactly-once bookkeeping) and loaded
+the rows the batch touches into a :class:`ReducerState`. The core judges each transition against
+the FSM contracts, folds the batch into per-workflow rows and per-namespace deltas, and returns
+every write as plain data for one set-based transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import assert_never
+from uuid import UUID
+
+from contracts.events import (
+    Envelope,
+    GenerationCompleted,
+    GenerationRequested,
+    StampCreated,
+    StampRequested,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowTransitioned,
+)
+from contracts.nodes import FsmSpec
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRow:
+    workflow_id: UUID
+    namespace: str
+    kind: str
+    state: str
+    seq: int
+    request_id: UUID
+    created_at: datetime
+    updated_at: datetime
+    outcome: str | None = None
+    hash: str | None = None
+    error_code: str | None = None
+    reason: str | None = None
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StampRow:
+    namespace: str
+    hash: str
+    algorithm: str
+    size: int
+    content_type: str
+    source: str | None
+    first_workflow_id: UUID
+    stamped_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRow:
+    workflow_id: UUID
+    seq: int
+    namespace: str
+    from_state: str | None
+    to_state: str
+    trigger: str
+    reason: str | None
+    event_id: UUID
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyRow:
+    namespace: str
+    workflow_id: UUID | None
+    event_id: UUID
+    kind: str
+    detail: str
+
+
+@dataclass(slots=True)
+class AggregateDelta:
+    workflows: int = 0
+    completed: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    stamps: int = 0
+    total_bytes: int = 0
+    generations: int = 0
+    total_pixels: int = 0
+    compute_seconds: float = 0.0
+    anomalies: int = 0
+    first_activity: datetime | None = None
+    last_activity: datetime | None = None
+
+    def touch(self, at: datetime) -> None:
+        if self.first_activity is None or at < self.first_activity:
+            self.first_activity = at
+        if self.last_activity is None or at > self.last_activity:
+            self.last_activity = at
+
+
+@dataclass(frozen=True, slots=True)
+class ReducerState:
+    """What the batch needs to know of the database: the rows it touches."""
+
+    workflows: Mapping[UUID, WorkflowRow] = field(default_factory=dict)
+    known_stamps: frozenset[tuple[str, str]] = frozenset()
+
+
+@dataclass(slots=True)
+class Writes:
+    workflows: dict[UUID, WorkflowRow] = field(default_factory=dict)  # final row per workflow
+    stamps: list[StampRow] = field(default_factory=list)
+    transitions: list[TransitionRow] = field(default_factory=list)
+    anomalies: list[AnomalyRow] = field(default_factory=list)
+    aggregates: dict[str, AggregateDelta] = field(default_factory=dict)
+    # (namespace, kind, state) -> change in the number of workflows in that state
+    state_counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def delta(self, namespace: str) -> AggregateDelta:
+        found = self.aggregates.get(namespace)
+        if found is None:
+            found = self.aggregates[namespace] = AggregateDelta()
+        return found
+
+    def count_state(self, namespace: str, kind: str, state: str, change: int) -> None:
+        key = (namespace, kind, state)
+        self.state_counts[key] = self.state_counts.get(key, 0) + change
+
+    def is_empty(self) -> bool:
+        return not (self.workflows or self.stamps or self.transitions or self.anomalies)
+
+
+def reduce(
+    state: ReducerState, events: Iterable[Envelope], fsms: Mapping[str, FsmSpec]
+) -> tuple[ReducerState, Writes]:
+    """Fold ``events`` (new ones only, in log order) into writes. Never raises on bad data."""
+    reduction = _Reduction(state, fsms)
+    for envelope in events:
+        reduction.apply(envelope)
+    return reduction.result()
+
+
+class _Reduction:
+    def __init__(self, state: ReducerState, fsms: Mapping[str, FsmSpec]) -> None:
+        self.fsms = fsms
+        self.rows: dict[UUID, WorkflowRow] = dict(state.workflows)
+        self.known = set(state.known_stamps)
+        self.writes = Writes()
+
+    def result(self) -> tuple[ReducerState, Writes]:
+        new_state = ReducerState(workflows=dict(self.rows), known_stamps=frozenset(self.known))
+        return new_state, self.writes
+
+    def apply(self, envelope: Envelope) -> None:
+        payload = envelope.payload
+        self.writes.delta(envelope.namespace).touch(envelope.occurred_at)
+        match payload:
+            case WorkflowTransitioned():
+                self._transitioned(envelope, payload)
+            case StampCreated():
+                self._stamp_created(envelope, payload)
+            case GenerationCompleted():
+                self._generation_completed(envelope, payload)
+            case WorkflowCompleted():
+                self._finished(envelope, payload.workflow_id, "completed", None, None,
+                               payload.duration_ms)
+            case WorkflowFailed():
+                self._finished(envelope, payload.workflow_id, "failed", payload.error_code,
+                               payload.reason, None)
+            case StampRequested() | GenerationRequested():
+                self._anomaly(envelope, None, "unexpected_event",
+                              f"{payload.type} does not belong on the events topic")
+            case _:
+                assert_never(payload)
+
+    # --- handlers ----------------------------------------------------------------------------
+
+    def _transitioned(self, envelope: Envelope, event: WorkflowTransitioned) -> None:
+        ns = envelope.namespace
+        fsm = self.fsms.get(event.workflow_kind)
+        row = self.rows.get(event.workflow_id)
+        if fsm is None:
+            self._anomaly(envelope, event.workflow_id, "unknown_fsm",
+                          f"no FSM contract for workflow kind {event.workflow_kind!r}")
+            return
+        if row is None:
+            if event.seq != 1 or not fsm.allows(None, event.trigger, event.to_state):
+                self._anomaly(envelope, event.workflow_id, "unknown_workflow",
+                              f"transition seq {event.seq} ({event.trigger}) for a workflow "
+                              "that was never created")
+                return
+            row = WorkflowRow(
+                workflow_id=event.workflow_id, namespace=ns, kind=event.workflow_kind,
+                state=event.to_state, seq=1, request_id=envelope.correlation_id,
+                created_at=envelope.occurred_at, updated_at=envelope.occurred_at,
+            )
+            self.writes.delta(ns).workflows += 1
+            self.writes.count_state(ns, row.kind, row.state, +1)
+            self._record(row, event, envelope)
+            return
+        if row.namespace != ns:
+            self._anomaly(envelope, event.workflow_id, "namespace_mismatch",
+                          f"workflow belongs to {row.namespace!r}, event says {ns!r}")
+            return
+        if event.seq != row.seq + 1:
+            self._anomaly(envelope, event.workflow_id, "out_of_sequence",
+                          f"transition seq {event.seq} after seq {row.seq} "
+                          f"({event.from_state} -> {event.to_state})")
+            return
+        if event.from_state != row.state or not fsm.allows(
+            event.from_state, event.trigger, event.to_state
+        ):
+            self._anomaly(envelope, event.workflow_id, "illegal_transition",
+                          f"{event.workflow_kind} FSM has no {event.from_state} "
+                          f"--{event.trigger}--> {event.to_state} (workflow is in {row.state})")
+            return
+        self.writes.count_state(ns, row.kind, row.state, -1)
+        self.writes.count_state(ns, row.kind, event.to_state, +1)
+        row = replace(row, state=event.to_state, seq=event.seq,
+                      updated_at=max(row.updated_at, envelope.occurred_at))
+        self._record(row, event, envelope)
+
+    def _record(self, row: WorkflowRow, event: WorkflowTransitioned, envelope: Envelope) -> None:
+        self.rows[row.workflow_id] = row
+        self.writes.workflows[row.workflow_id] = row
+        self.writes.transitions.append(TransitionRow(
+            workflow_id=event.workflow_id, seq=event.seq, namespace=envelope.namespace,
+            from_state=event.from_state, to_state=event.to_state, trigger=event.trigger,
+            reason=event.reason, event_id=envelope.event_id, occurred_at=envelope.occurred_at,
+        ))
+
+    def _stamp_created(self, envelope: Envelope, event: StampCreated) -> None:
+        ns = envelope.namespace
+        row = self.rows.get(event.workflow_id)
+        if row is None:
+            self._anomaly(envelope, event.workflow_id, "unknown_workflow",
+                          "stamp.created for a workflow that was never created")
+            return
+        key = (ns, event.hash)
+        delta = self.writes.delta(ns)
+        if key in self.known:
+            outcome = "duplicate"
+            delta.duplicates += 1
+        else:
+            outcome = "stamped"
+            self.known.add(key)
+            delta.stamps += 1
+            delta.total_bytes += event.size
+            self.writes.stamps.append(StampRow(
+                namespace=ns, hash=event.hash, algorithm=event.algorithm, size=event.size,
+                content_type=event.content_type, source=event.source,
+                first_workflow_id=event.workflow_id, stamped_at=event.stamped_at,
+            ))
+        self._update(replace(row, outcome=outcome, hash=event.hash))
+
+    def _generation_completed(self, envelope: Envelope, event: GenerationCompleted) -> None:
+        ns = envelope.namespace
+        row = self.rows.get(event.workflow_id)
+        if row is None:
+            self._anomaly(envelope, event.workflow_id, "unknown_workflow",
+                          "generation.completed for a workflow that was never created")
+            return
+        delta = self.writes.delta(ns)
+        delta.generations += 1
+        delta.total_pixels += event.width * event.height
+        delta.compute_seconds += event.timings_ms.get("inference", 0.0) / 1000.0
+        key = (ns, event.hash)
+        if key not in self.known:
+            self.known.add(key)
+            delta.stamps += 1
+            delta.total_bytes += event.size
+            self.writes.stamps.append(StampRow(
+                namespace=ns, hash=event.hash, algorithm="blake3", size=event.size,
+                content_type="image/png", source=event.artifact_uri,
+                first_workflow_id=event.workflow_id, stamped_at=envelope.occurred_at,
+            ))
+        self._update(replace(row, outcome="generated", hash=event.hash))
+
+    def _finished(
+        self,
+        envelope: Envelope,
+        workflow_id: UUID,
+        terminal: str,
+        error_code: str | None,
+        reason: str | None,
+        duration_ms: float | None,
+    ) -> None:
+        ns = envelope.namespace
+        row = self.rows.get(workflow_id)
+        if row is None:
+            self._anomaly(envelope, workflow_id, "unknown_workflow",
+                          f"workflow.{terminal} for a workflow that was never created")
+            return
+        delta = self.writes.delta(ns)
+        if terminal == "completed":
+            delta.completed += 1
+            self._update(replace(row, duration_ms=duration_ms))
+        else:
+            delta.failed += 1
+            self._update(replace(row, outcome="failed", error_code=error_code, reason=reason))
+
+    def _update(self, row: WorkflowRow) -> None:
+        self.rows[row.workflow_id] = row
+        self.writes.workflows[row.workflow_id] = row
+
+    def _anomaly(self, envelope: Envelope, workflow_id: UUID | None, kind: str,
+                 detail: str) -> None:
+        self.writes.delta(envelope.namespace).anomalies += 1
+        self.writes.anomalies.append(AnomalyRow(
+            namespace=envelope.namespace, workflow_id=workflow_id,
+            event_id=envelope.event_id, kind=kind, detail=detail,
+        ))
+
+
+def touched(events: Sequence[Envelope]) -> tuple[set[UUID], set[tuple[str, str]]]:
+    """The workflow ids and (namespace, hash) pairs a batch reads: what the runner loads."""
+    workflow_ids: set[UUID] = set()
+    hashes: set[tuple[str, str]] = set()
+    for envelope in events:
+        payload = envelope.payload
+        workflow_id = getattr(payload, "workflow_id", None)
+        if isinstance(workflow_id, UUID):
+            workflow_ids.add(workflow_id)
+        if isinstance(payload, StampCreated | GenerationCompleted):
+            hashes.add((envelope.namespace, payload.hash))
+    return workflow_ids, hashes

@@ -1,0 +1,201 @@
+"""The reducer's PostgreSQL side: one transaction per batch, one statement per table.
+
+Exactly once: the batch's event ids go into ``processed_events`` first, in the same
+transaction as every write; only the ids that were new are reduced. A batch delivered again
+(after a crash between the commit here and the Kafka offset commit) finds every id taken and
+writes nothing. Locks are taken in a fixed order (ids sorted) so two reducers overlapping
+during a rebalance wait for each other instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+import asyncpg
+
+from contracts.events import Envelope
+from contracts.nodes import FsmSpec
+from nodes.reducer.core import ReducerState, WorkflowRow, Writes, reduce, touched
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    received: int
+    applied: int  # new events reduced
+    duplicates: int  # events applied before (re-deliveries)
+    anomalies: int
+
+
+class ReducerStore:
+    """Persists reduced batches. ``pool`` is an asyncpg pool owned by the caller."""
+
+    def __init__(self, pool: asyncpg.Pool, fsms: Mapping[str, FsmSpec]) -> None:
+        self._pool = pool
+        self._fsms = fsms
+
+    async def apply(self, events: Sequence[Envelope]) -> BatchResult:
+        unique: dict[UUID, Envelope] = {}
+        for envelope in events:
+            unique.setdefault(envelope.event_id, envelope)
+        async with self._pool.acquire() as conn, conn.transaction():
+            fresh = await _claim(conn, unique)
+            new_events = [e for e in unique.values() if e.event_id in fresh]
+            if not new_events:
+                return BatchResult(len(events), 0, len(events), 0)
+            state = await _load_state(conn, new_events)
+            _, writes = reduce(state, new_events, self._fsms)
+            await _write(conn, writes)
+        return BatchResult(len(events), len(new_events), len(events) - len(new_events),
+                           len(writes.anomalies))
+
+
+async def _claim(conn: asyncpg.Connection, unique: Mapping[UUID, Envelope]) -> set[UUID]:
+    ids = sorted(unique)
+    rows = await conn.fetch(
+        """
+        INSERT INTO processed_events (event_id, namespace)
+        SELECT * FROM unnest($1::uuid[], $2::text[])
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING event_id
+        """,
+        ids, [unique[i].namespace for i in ids],
+    )
+    return {row["event_id"] for row in rows}
+
+
+async def _load_state(conn: asyncpg.Connection, events: Sequence[Envelope]) -> ReducerState:
+    workflow_ids, hashes = touched(events)
+    workflows: dict[UUID, WorkflowRow] = {}
+    if workflow_ids:
+        rows = await conn.fetch(
+            """
+            SELECT workflow_id, namespace, kind, state, seq, request_id, created_at, updated_at,
+                   outcome, hash, error_code, reason, duration_ms
+            FROM workflows WHERE workflow_id = ANY($1::uuid[])
+            ORDER BY workflow_id FOR UPDATE
+            """,
+            sorted(workflow_ids),
+        )
+        workflows = {row["workflow_id"]: WorkflowRow(**dict(row)) for row in rows}
+    known: frozenset[tuple[str, str]] = frozenset()
+    if hashes:
+        pairs = sorted(hashes)
+        rows = await conn.fetch(
+            """
+            SELECT s.namespace, s.hash FROM stamps s
+            JOIN unnest($1::text[], $2::text[]) AS k(namespace, hash)
+              ON s.namespace = k.namespace AND s.hash = k.hash
+            """,
+            [p[0] for p in pairs], [p[1] for p in pairs],
+        )
+        known = frozenset((row["namespace"], row["hash"]) for row in rows)
+    return ReducerState(workflows=workflows, known_stamps=known)
+
+
+async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
+    if writes.stamps:
+        s = sorted(writes.stamps, key=lambda r: (r.namespace, r.hash))
+        await conn.execute(
+            """
+            INSERT INTO stamps (namespace, hash, algorithm, size, content_type, source,
+                                first_workflow_id, stamped_at)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+                                 $6::text[], $7::uuid[], $8::timestamptz[])
+            ON CONFLICT (namespace, hash) DO NOTHING
+            """,
+            [r.namespace for r in s], [r.hash for r in s], [r.algorithm for r in s],
+            [r.size for r in s], [r.content_type for r in s], [r.source for r in s],
+            [r.first_workflow_id for r in s], [r.stamped_at for r in s],
+        )
+    if writes.workflows:
+        w = [writes.workflows[k] for k in sorted(writes.workflows)]
+        await conn.execute(
+            """
+            INSERT INTO workflows (workflow_id, namespace, kind, state, seq, request_id,
+                                   created_at, updated_at, outcome, hash, error_code, reason,
+                                   duration_ms)
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[],
+                                 $6::uuid[], $7::timestamptz[], $8::timestamptz[], $9::text[],
+                                 $10::text[], $11::text[], $12::text[], $13::float8[])
+            ON CONFLICT (workflow_id) DO UPDATE SET
+                state = EXCLUDED.state, seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at,
+                outcome = EXCLUDED.outcome, hash = EXCLUDED.hash,
+                error_code = EXCLUDED.error_code, reason = EXCLUDED.reason,
+                duration_ms = EXCLUDED.duration_ms
+            """,
+            [r.workflow_id for r in w], [r.namespace for r in w], [r.kind for r in w],
+            [r.state for r in w], [r.seq for r in w], [r.request_id for r in w],
+            [r.created_at for r in w], [r.updated_at for r in w], [r.outcome for r in w],
+            [r.hash for r in w], [r.error_code for r in w], [r.reason for r in w],
+            [r.duration_ms for r in w],
+        )
+    if writes.transitions:
+        t = writes.transitions
+        await conn.execute(
+            """
+            INSERT INTO workflow_transitions (workflow_id, seq, namespace, from_state, to_state,
+                                              trigger, reason, event_id, occurred_at)
+            SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[], $7::text[], $8::uuid[], $9::timestamptz[])
+            ON CONFLICT (workflow_id, seq) DO NOTHING
+            """,
+            [r.workflow_id for r in t], [r.seq for r in t], [r.namespace for r in t],
+            [r.from_state for r in t], [r.to_state for r in t], [r.trigger for r in t],
+            [r.reason for r in t], [r.event_id for r in t], [r.occurred_at for r in t],
+        )
+    if writes.anomalies:
+        a = writes.anomalies
+        await conn.execute(
+            """
+            INSERT INTO anomalies (namespace, workflow_id, event_id, kind, detail)
+            SELECT * FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::text[])
+            """,
+            [r.namespace for r in a], [r.workflow_id for r in a], [r.event_id for r in a],
+            [r.kind for r in a], [r.detail for r in a],
+        )
+    if writes.state_counts:
+        keys = sorted(k for k, v in writes.state_counts.items() if v != 0)
+        if keys:
+            await conn.execute(
+                """
+                INSERT INTO namespace_state_counts AS c (namespace, kind, state, count)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
+                ON CONFLICT (namespace, kind, state) DO UPDATE SET count = c.count + EXCLUDED.count
+                """,
+                [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+                [writes.state_counts[k] for k in keys],
+            )
+    if writes.aggregates:
+        names = sorted(writes.aggregates)
+        d = [writes.aggregates[n] for n in names]
+        await conn.execute(
+            """
+            INSERT INTO namespace_aggregates AS a (namespace, workflows, completed, failed,
+                duplicates, stamps, total_bytes, generations, total_pixels, compute_seconds,
+                anomalies, first_activity, last_activity)
+            SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],
+                                 $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[],
+                                 $9::bigint[], $10::float8[], $11::bigint[],
+                                 $12::timestamptz[], $13::timestamptz[])
+            ON CONFLICT (namespace) DO UPDATE SET
+                workflows = a.workflows + EXCLUDED.workflows,
+                completed = a.completed + EXCLUDED.completed,
+                failed = a.failed + EXCLUDED.failed,
+                duplicates = a.duplicates + EXCLUDED.duplicates,
+                stamps = a.stamps + EXCLUDED.stamps,
+                total_bytes = a.total_bytes + EXCLUDED.total_bytes,
+                generations = a.generations + EXCLUDED.generations,
+                total_pixels = a.total_pixels + EXCLUDED.total_pixels,
+                compute_seconds = a.compute_seconds + EXCLUDED.compute_seconds,
+                anomalies = a.anomalies + EXCLUDED.anomalies,
+                first_activity = LEAST(a.first_activity, EXCLUDED.first_activity),
+                last_activity = GREATEST(a.last_activity, EXCLUDED.last_activity)
+            """,
+            names, [x.workflows for x in d], [x.completed for x in d], [x.failed for x in d],
+            [x.duplicates for x in d], [x.stamps for x in d], [x.total_bytes for x in d],
+            [x.generations for x in d], [x.total_pixels for x in d],
+            [x.compute_seconds for x in d], [x.anomalies for x in d],
+            [x.first_activity for x in d], [x.last_activity for x in d],
+        )

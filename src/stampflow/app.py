@@ -1,0 +1,168 @@
+"""Wiring: build the nodes from settings and endpoints, and run them until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.abc import ConsumerRebalanceListener
+
+from contracts.nodes import NodeContract, load_contracts
+from nodes.orchestrator.core import Limits, OrchestratorCore
+from nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
+from nodes.reducer.runner import Reducer, ReducerConfig
+from nodes.reducer.store import ReducerStore
+from nodes.stamping import StampingNode
+from stampflow.bus import ensure_topics, make_consumer, make_producer
+from stampflow.migrate import migrate
+from stampflow.observability import HealthServer
+from stampflow.services import Endpoints
+from stampflow.settings import Settings
+
+log = structlog.get_logger("stampflow.app")
+
+NODE_NAMES = ("orchestrator", "reducer")
+
+
+class KafkaPublisher:
+    """:class:`~nodes.orchestrator.runner.EventPublisher` over an aiokafka producer."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+
+    async def send(self, topic: str, value: bytes, key: bytes | None) -> None:
+        delivery = await self._producer.send(topic, value=value, key=key)
+        await delivery
+
+    async def send_many(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+        # Sent in order, awaited together: one partition keeps the order they were sent in.
+        deliveries = [
+            await self._producer.send(topic, value=value, key=key) for key, value in messages
+        ]
+        await asyncio.gather(*deliveries)
+
+
+@dataclass
+class RunningNodes:
+    orchestrators: list[Orchestrator] = field(default_factory=list)
+    reducers: list[Reducer] = field(default_factory=list)
+    health: HealthServer | None = None
+
+    def ready(self) -> bool:
+        nodes: Iterable[Orchestrator | Reducer] = [*self.orchestrators, *self.reducers]
+        return all(node.ready for node in nodes) and bool(self.orchestrators or self.reducers)
+
+
+async def prepare(settings: Settings, endpoints: Endpoints) -> None:
+    """Topics and schema: idempotent, safe for several nodes starting together."""
+    topics = [settings.requests_topic, settings.events_topic]
+    topics += [settings.dlq_topic(t) for t in topics]
+    await ensure_topics(endpoints.bootstrap_servers, topics, settings.topic_partitions)
+    await migrate(endpoints.database_url)
+
+
+async def run_nodes(
+    settings: Settings,
+    endpoints: Endpoints,
+    nodes: Sequence[str],
+    stop: asyncio.Event,
+    *,
+    contracts: dict[str, NodeContract] | None = None,
+    started: asyncio.Event | None = None,
+    running: RunningNodes | None = None,
+) -> RunningNodes:
+    """Run the named nodes in this process until ``stop`` is set; return when all stopped."""
+    unknown = set(nodes) - set(NODE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown node(s) {sorted(unknown)}; known: {', '.join(NODE_NAMES)}")
+    contracts = contracts or load_contracts(settings.contracts_dir)
+    running = running or RunningNodes()
+    await prepare(settings, endpoints)
+    async with AsyncExitStack() as stack:
+        producer = make_producer(endpoints.bootstrap_servers)
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        publisher = KafkaPublisher(producer)
+        tasks: list[asyncio.Task[None]] = []
+        if "orchestrator" in nodes:
+            orchestrator = build_orchestrator(settings, endpoints, contracts, publisher)
+            running.orchestrators.append(orchestrator)
+            tasks.append(asyncio.create_task(orchestrator.run(stop), name="orchestrator"))
+        if "reducer" in nodes:
+            pool = await asyncpg.create_pool(endpoints.database_url, min_size=1, max_size=4)
+            stack.push_async_callback(pool.close)
+            reducer = build_reducer(settings, endpoints, contracts, publisher, pool)
+            running.reducers.append(reducer)
+            tasks.append(asyncio.create_task(reducer.run(stop), name="reducer"))
+        health = HealthServer(running.ready, port=settings.http_port)
+        await health.start()
+        running.health = health
+        stack.push_async_callback(health.stop)
+        log.info("nodes running", nodes=list(nodes), health_port=health.port)
+        if started is not None:
+            started.set()
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+    return running
+
+
+def build_orchestrator(
+    settings: Settings, endpoints: Endpoints, contracts: dict[str, NodeContract],
+    publisher: KafkaPublisher,
+) -> Orchestrator:
+    contract = contracts["orchestrator"]
+    stamping_contract = contracts["stamping"]
+    max_bytes = min(settings.max_content_bytes,
+                    stamping_contract.io_policy.max_content_bytes or settings.max_content_bytes)
+    core = OrchestratorCore(contract, Limits(max_content_bytes=max_bytes))
+    group = f"{settings.consumer_group_prefix}-orchestrator"
+
+    def consumer_factory(listener: ConsumerRebalanceListener):  # type: ignore[no-untyped-def]
+        consumer = make_consumer(endpoints.bootstrap_servers, [], group)
+        consumer.subscribe([settings.requests_topic], listener=listener)
+        return consumer
+
+    return Orchestrator(
+        contract=contract,
+        core=core,
+        config=OrchestratorConfig(
+            requests_topic=settings.requests_topic, events_topic=settings.events_topic,
+            max_in_flight=settings.max_in_flight,
+        ),
+        consumer_factory=consumer_factory,
+        publisher=publisher,
+        stamping=StampingNode(settings.content_root, max_bytes=max_bytes),
+    )
+
+
+def build_reducer(
+    settings: Settings, endpoints: Endpoints, contracts: dict[str, NodeContract],
+    publisher: KafkaPublisher, pool: asyncpg.Pool,
+) -> Reducer:
+    contract = contracts["reducer"]
+    fsms = {spec.name: spec for spec in contracts["orchestrator"].fsm}
+    group = f"{settings.consumer_group_prefix}-reducer"
+    batching = contract.io_policy.batching
+    consumer = make_consumer(
+        endpoints.bootstrap_servers, [settings.events_topic], group,
+        max_poll_records=settings.reducer_batch_max,
+    )
+    return Reducer(
+        contract=contract,
+        config=ReducerConfig(
+            events_topic=settings.events_topic, group_id=group,
+            max_batch_size=settings.reducer_batch_max or batching.max_batch_size,
+            max_batch_wait_ms=settings.reducer_batch_wait_ms or batching.max_batch_wait_ms,
+        ),
+        consumer=consumer,
+        store=ReducerStore(pool, fsms),
+        publisher=publisher,
+    )

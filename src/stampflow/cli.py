@@ -1,0 +1,378 @@
+"""The ``stampflow`` command line. Every expected error is one line on stderr, exit code 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from contracts.nodes import ContractError
+from stampflow.errors import StampflowError
+from stampflow.observability import configure_logging, redact
+from stampflow.settings import ServiceSource, Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="stampflow: BLAKE3 stamping and image generation workflows over Kafka and PostgreSQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+services_app = typer.Typer(help="The embedded PostgreSQL server and Kafka-protocol broker.",
+                           no_args_is_help=True)
+contracts_app = typer.Typer(help="Event and node contracts.", no_args_is_help=True)
+submit_app = typer.Typer(help="Publish requests to Kafka.", no_args_is_help=True)
+roles_app = typer.Typer(help="Operator database roles limited to namespaces.",
+                        no_args_is_help=True)
+app.add_typer(services_app, name="services")
+app.add_typer(contracts_app, name="contracts")
+app.add_typer(submit_app, name="submit")
+app.add_typer(roles_app, name="roles")
+
+out = Console()
+err = Console(stderr=True)
+
+NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", help="The namespace.")]
+
+
+def settings() -> Settings:
+    return Settings()
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    """Entry point: expected errors become one line and exit code 1, no traceback."""
+    try:
+        app()
+    except (StampflowError, ContractError) as e:
+        err.print(f"stampflow: {redact(str(e))}", markup=False, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# --- services ---------------------------------------------------------------------------------
+
+
+@services_app.command("up")
+def services_up() -> None:
+    """Start the embedded services in the background and print their addresses."""
+    from stampflow.services import EmbeddedServices
+
+    s = settings()
+    endpoints = EmbeddedServices.start_detached(s.state_dir)
+    out.print(f"PostgreSQL  {endpoints.database_url}")
+    out.print(f"Kafka       {endpoints.bootstrap_servers}")
+    out.print(f"export STAMPFLOW_DATABASE_URL={endpoints.database_url}")
+    out.print(f"export STAMPFLOW_BOOTSTRAP_SERVERS={endpoints.bootstrap_servers}")
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop the embedded services started by `services up`."""
+    from stampflow.services import EmbeddedServices
+
+    stopped = EmbeddedServices.stop_from_state(settings().state_dir)
+    out.print("stopped" if stopped else "no embedded services were running")
+
+
+# --- schema and contracts -----------------------------------------------------------------------
+
+
+@app.command("migrate")
+def migrate_cmd(
+    status: Annotated[bool, typer.Option("--status", help="List migrations, apply none.")] = False,
+) -> None:
+    """Apply pending SQL migrations (safe to run from several nodes at once)."""
+    from stampflow import migrate as migrations
+
+    url = endpoints_for(settings()).database_url
+    if status:
+        for migration, applied_at in run(migrations.status(url)):
+            when = applied_at.isoformat() if applied_at else "pending"
+            out.print(f"{migration.version:04d}  {migration.name:<30} {when}")
+        return
+    applied = run(migrations.migrate(url))
+    out.print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
+
+
+@contracts_app.command("export")
+def contracts_export(directory: Path) -> None:
+    """Write the JSON Schema of every event (and of the node contract format) to DIRECTORY."""
+    from contracts.schema import export_schemas
+
+    written = export_schemas(directory)
+    out.print(f"wrote {len(written)} schema(s) to {directory}")
+
+
+@contracts_app.command("check")
+def contracts_check(
+    directory: Annotated[Path | None, typer.Argument(help="Contracts directory.")] = None,
+) -> None:
+    """Load and validate every node contract (the built-in ones by default)."""
+    from contracts.nodes import load_contracts
+
+    for name, contract in load_contracts(directory).items():
+        out.print(f"{name:<13} {contract.kind.value:<13} v{contract.version}  ok")
+
+
+# --- stamping locally ----------------------------------------------------------------------------
+
+
+@app.command("stamp")
+def stamp_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories.")],
+    namespace: NamespaceOpt = "default",
+) -> None:
+    """Stamp files locally with BLAKE3 and print one stamp line per file."""
+    from nodes.stamping import StampError, StampingNode
+
+    s = settings()
+    node = StampingNode(Path("/"), max_bytes=s.max_content_bytes)
+    failed = 0
+    for path in _expand(paths):
+        try:
+            out.print(node.stamp_path(path.resolve(), namespace=namespace).line(),
+                      markup=False, highlight=False, soft_wrap=True)
+        except StampError as e:
+            err.print(f"stampflow: {e}", markup=False, highlight=False)
+            failed += 1
+    if failed:
+        raise typer.Exit(1)
+
+
+def _expand(paths: list[Path]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            yield path
+
+
+# --- running nodes -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+@app.command("run")
+def run_cmd(node: Annotated[str, typer.Argument(help="orchestrator or reducer")]) -> None:
+    """Run one node against the configured services until SIGTERM or Ctrl-C.
+
+    Scale out by running more of these processes: they share one consumer group.
+    """
+    from stampflow.app import NODE_NAMES, run_nodes
+
+    if node not in NODE_NAMES:
+        raise StampflowError(f"{node}: no such node; choose one of {', '.join(NODE_NAMES)}")
+    s = settings()
+    configure_logging(s.log_level, s.log_format)
+    endpoints = endpoints_for(s)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        with _signals(stop):
+            await run_nodes(s, endpoints, [node], stop)
+
+    run(main())
+
+
+@app.command("up")
+def up_cmd() -> None:
+    """Embedded services plus every node in one process, until Ctrl-C."""
+    from stampflow.app import NODE_NAMES, run_nodes
+    from stampflow.services import EmbeddedServices
+
+    s = settings()
+    configure_logging(s.log_level, s.log_format)
+    with EmbeddedServices(s.state_dir) as services:
+        endpoints = services.endpoints
+        err.print(f"PostgreSQL {endpoints.database_url}  Kafka {endpoints.bootstrap_servers}")
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            with _signals(stop):
+                await run_nodes(s, endpoints, list(NODE_NAMES), stop)
+
+        run(main())
+
+
+@app.command("demo")
+def demo_cmd(
+    per_namespace: Annotated[int, typer.Option(help="Stamp requests per namespace.")] = 25,
+) -> None:
+    """The main job: start everything, stamp content in 4 namespaces, print the aggregates."""
+    from stampflow.demo import run_demo
+
+    s = settings()
+    configure_logging("WARNING", "console")
+    rows = run_demo(s, per_namespace=per_namespace, console=err)
+    _print_summary(rows, title="stampflow demo: per-namespace aggregates")
+
+
+# --- submitting ----------------------------------------------------------------------------------
+
+
+@submit_app.command("stamp")
+def submit_stamp(
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories under the content root.")],
+    namespace: NamespaceOpt = "default",
+) -> None:
+    """Publish one stamp request per file (directories are walked), with a progress bar."""
+    from rich.progress import Progress
+
+    from stampflow.client import Client
+
+    s = settings()
+    endpoints = endpoints_for(s)
+    files = list(_expand(paths))
+    if not files:
+        raise StampflowError(f"{', '.join(map(str, paths))}: no files to submit")
+
+    async def main() -> list[str]:
+        async with Client(s, endpoints) as client:
+            ids = []
+            with Progress(console=err, transient=True) as progress:
+                task = progress.add_task("submitting", total=len(files))
+                for path in files:
+                    ids.append(str(await client.submit_stamp(namespace, path=str(path))))
+                    progress.advance(task)
+            return ids
+
+    ids = run(main())
+    out.print(f"submitted {len(ids)} stamp request(s) to namespace {namespace}")
+
+
+# --- operator queries ----------------------------------------------------------------------------
+
+
+@app.command("status")
+def status_cmd(namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None) -> None:
+    """Per-namespace aggregates (from the namespace_summary view)."""
+    from stampflow.queries import summary
+
+    rows = run(summary(endpoints_for(settings(), need_broker=False).database_url, namespace))
+    _print_summary(rows, title="stampflow status")
+
+
+@app.command("workflows")
+def workflows_cmd(
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    state: Annotated[str | None, typer.Option("--state", "-s")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+) -> None:
+    """Recent workflows, newest first."""
+    from stampflow.queries import workflows
+
+    rows = run(workflows(endpoints_for(settings(), need_broker=False).database_url,
+                         namespace, state, limit))
+    table = Table("workflow", "namespace", "kind", "state", "outcome", "updated", "reason")
+    for r in rows:
+        table.add_row(str(r["workflow_id"]), r["namespace"], r["kind"], r["state"],
+                      r["outcome"] or "", r["updated_at"].isoformat(timespec="seconds"),
+                      (r["reason"] or "")[:60])
+    out.print(table)
+
+
+@app.command("workflow")
+def workflow_cmd(workflow_id: str) -> None:
+    """One workflow's transition history."""
+    from stampflow.queries import history
+
+    rows = run(history(endpoints_for(settings(), need_broker=False).database_url, workflow_id))
+    table = Table("seq", "from", "to", "trigger", "at", "reason", title=workflow_id)
+    for r in rows:
+        table.add_row(str(r["seq"]), r["from_state"] or "", r["to_state"], r["trigger"],
+                      r["occurred_at"].isoformat(timespec="milliseconds"), r["reason"] or "")
+    out.print(table)
+
+
+@app.command("verify")
+def verify_cmd(path: Path, namespace: NamespaceOpt = "default") -> None:
+    """Is this exact content stamped in NAMESPACE? Exit 0 if yes, 1 if not."""
+    from nodes.stamping import StampingNode
+    from stampflow.queries import find_stamp
+
+    s = settings()
+    local = StampingNode(Path("/"), max_bytes=2**62).stamp_path(path.resolve(),
+                                                                namespace=namespace)
+    row = run(find_stamp(endpoints_for(s, need_broker=False).database_url, namespace,
+                         local.hash))
+    if row is None:
+        out.print(f"NOT STAMPED  {path}  blake3:{local.hash}  (namespace {namespace})")
+        raise typer.Exit(1)
+    out.print(f"STAMPED  {path}  blake3:{local.hash}  size={row['size']}  "
+              f"at={row['stamped_at'].isoformat()}  namespace={namespace}")
+
+
+@roles_app.command("create")
+def roles_create(
+    role: str,
+    namespace: Annotated[list[str], typer.Option("--namespace", "-n", help="Repeatable.")],
+    password: Annotated[str | None, typer.Option(help="Login password (optional).")] = None,
+) -> None:
+    """Create (or extend) a login role that can read only the given namespaces."""
+    from stampflow.queries import create_role
+
+    run(create_role(endpoints_for(settings(), need_broker=False).database_url, role, namespace,
+                    password))
+    out.print(f"role {role} may read namespace(s): {', '.join(namespace)}")
+
+
+def _print_summary(rows: list[dict[str, Any]], *, title: str) -> None:
+    table = Table("namespace", "workflows", "completed", "failed", "in flight", "duplicates",
+                  "stamps", "bytes", "generations", "anomalies", title=title)
+    for r in rows:
+        table.add_row(r["namespace"], str(r["workflows"]), str(r["completed"]),
+                      str(r["failed"]), str(r["in_flight"]), str(r["duplicates"]),
+                      str(r["stamps"]), f"{r['total_bytes']:,}", str(r["generations"]),
+                      str(r["anomalies"]))
+    out.print(table)
+
+
+def endpoints_for(s: Settings, *, need_broker: bool = True) -> Any:
+    """The services this command talks to: external ones, or the running embedded ones."""
+    from stampflow.services import EmbeddedServices, Endpoints, external_endpoints
+
+    if s.services is ServiceSource.EXTERNAL:
+        return external_endpoints(s)
+    if s.database_url is not None and (s.bootstrap_servers or not need_broker):
+        return Endpoints(database_url=s.database_url.get_secret_value(),
+                         bootstrap_servers=s.bootstrap_servers or "")
+    found = EmbeddedServices.read_state(s.state_dir)
+    if found is None:
+        raise StampflowError(
+            f"{s.state_dir}: no embedded services running; start them with "
+            "`stampflow services up`, or set STAMPFLOW_SERVICES=external with "
+            "STAMPFLOW_DATABASE_URL and STAMPFLOW_BOOTSTRAP_SERVERS"
+        )
+    return found
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+Handler = Callable[..., Any]

@@ -1,0 +1,238 @@
+"""The SQL migration runner: numbered plain-SQL files applied once each, in order, under a lock.
+
+Migrations are files named ``NNNN_name.sql`` (four digits, then a lower-case name) in one
+directory; gaps in the numbering are allowed and files apply in number order. ``migrate`` takes a
+session-level PostgreSQL advisory lock first, so that nodes starting together apply each file
+exactly once, then runs every pending file in its own transaction together with its row in
+``schema_migrations``. A file that was applied must never change afterwards: its SHA-256 is
+recorded and checked on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+
+import asyncpg
+
+__all__ = [
+    "LOCK_KEY",
+    "Migration",
+    "MigrationError",
+    "default_migrations_dir",
+    "discover",
+    "migrate",
+    "status",
+]
+
+# The advisory lock every migrating node takes: the ASCII bytes of "stampflw" as a bigint.
+LOCK_KEY = int.from_bytes(b"stampflw", "big")
+
+FILE_NAME = re.compile(r"(?P<version>[0-9]{4})_(?P<name>[a-z0-9][a-z0-9_]*)\.sql")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+_SELECT_APPLIED = "SELECT version, checksum, applied_at FROM schema_migrations"
+_INSERT_APPLIED = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+
+
+class MigrationError(Exception):
+    """A migration file or run that cannot go ahead; the message is one line naming the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One ``NNNN_name.sql`` file; ``checksum`` is the SHA-256 (hex) of its bytes on disk."""
+
+    version: int
+    name: str
+    path: Path
+    sql: str
+    checksum: str
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def default_migrations_dir() -> Path:
+    """The repository's ``migrations/`` in a checkout, else the installed package data."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "migrations").is_dir():
+        return checkout / "migrations"
+    # The wheel force-includes the repository's migrations/ as stampflow/migrations.
+    return package / "migrations"
+
+
+def _read(path: Path) -> Migration:
+    match = FILE_NAME.fullmatch(path.name)
+    if match is None:
+        raise MigrationError(
+            f"{path}: bad migration file name; expected NNNN_name.sql "
+            "(four digits, an underscore, then lower-case letters, digits and underscores)"
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise MigrationError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        sql = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MigrationError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    if not sql.strip():
+        raise MigrationError(f"{path}: empty migration file")
+    return Migration(
+        version=int(match["version"]),
+        name=match["name"],
+        path=path,
+        sql=sql,
+        checksum=hashlib.sha256(raw).hexdigest(),
+    )
+
+
+def discover(directory: Path) -> list[Migration]:
+    """Every ``*.sql`` file in ``directory``, in version order; other files are ignored."""
+    if not directory.exists():
+        raise MigrationError(f"{directory}: migrations directory does not exist")
+    if not directory.is_dir():
+        raise MigrationError(f"{directory}: migrations directory is not a directory")
+    by_version: dict[int, Migration] = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix != ".sql" or path.name.startswith("."):
+            continue
+        if not path.is_file():
+            raise MigrationError(f"{path}: not a regular file")
+        migration = _read(path)
+        earlier = by_version.get(migration.version)
+        if earlier is not None:
+            raise MigrationError(
+                f"{path}: duplicate migration version {migration.version} "
+                f"(also {earlier.path.name})"
+            )
+        by_version[migration.version] = migration
+    return [by_version[version] for version in sorted(by_version)]
+
+
+def _check_unchanged(migrations: list[Migration], applied: dict[int, str]) -> None:
+    for migration in migrations:
+        recorded = applied.get(migration.version)
+        if recorded is not None and recorded != migration.checksum:
+            raise MigrationError(
+                f"{migration.path}: applied checksum differs; write a new migration instead"
+            )
+
+
+async def _connect(dsn: str) -> Any:
+    try:
+        return await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise MigrationError(
+            f"cannot connect to PostgreSQL to migrate: {_one_line(str(exc)) or type(exc).__name__}"
+        ) from exc
+
+
+async def _close(conn: Any) -> None:
+    try:
+        await conn.close(timeout=5)
+    except Exception:
+        # Never hide the error that got us here; dropping the socket still ends the session.
+        conn.terminate()
+
+
+async def _applied(conn: Any) -> dict[int, tuple[str, datetime]]:
+    rows = cast(list[Any], await conn.fetch(_SELECT_APPLIED))
+    return {
+        int(row["version"]): (str(row["checksum"]), cast(datetime, row["applied_at"]))
+        for row in rows
+    }
+
+
+async def _apply(conn: Any, migration: Migration) -> None:
+    try:
+        async with conn.transaction():
+            # No arguments: asyncpg sends the simple query protocol, so a file may hold many
+            # statements. They commit or roll back together with the schema_migrations row.
+            await conn.execute(migration.sql)
+            await conn.execute(
+                _INSERT_APPLIED, migration.version, migration.name, migration.checksum
+            )
+    except asyncpg.PostgresError as exc:
+        sqlstate = getattr(exc, "sqlstate", None)
+        detail = _one_line(str(exc)) or type(exc).__name__
+        suffix = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+        raise MigrationError(
+            f"{migration.path}: migration failed and was rolled back: {detail}{suffix}"
+        ) from exc
+
+
+async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
+    """Apply every pending migration in order; return the versions applied by this call.
+
+    Safe to call from many nodes at once: the work runs under a session-level advisory lock
+    (``LOCK_KEY``) on one connection, and whoever comes second finds nothing left to do. Each
+    file runs in its own transaction; when one fails, the ones before it stay applied, that one
+    is rolled back and ``MigrationError`` names it with PostgreSQL's message.
+    """
+    migrations = discover(directory if directory is not None else default_migrations_dir())
+    conn = await _connect(dsn)
+    try:
+        try:
+            # Session-level, so it spans the per-file transactions. Closing the connection (also
+            # on an error or a cancelled task) releases it as well.
+            await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+            await conn.execute(_CREATE_TABLE)
+            applied = await _applied(conn)
+        except asyncpg.PostgresError as exc:
+            raise MigrationError(
+                f"schema_migrations: cannot lock or read it: {_one_line(str(exc))}"
+            ) from exc
+        _check_unchanged(migrations, {v: checksum for v, (checksum, _) in applied.items()})
+        done: list[int] = []
+        for migration in migrations:
+            if migration.version in applied:
+                continue
+            await _apply(conn, migration)
+            done.append(migration.version)
+        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+        return done
+    finally:
+        await _close(conn)
+
+
+async def status(
+    dsn: str, directory: Path | None = None
+) -> list[tuple[Migration, datetime | None]]:
+    """Each migration on disk with the time it was applied, or ``None`` while it is pending.
+
+    Read-only: it takes no lock and creates nothing. A changed applied file raises
+    ``MigrationError`` just as ``migrate`` would.
+    """
+    migrations = discover(directory if directory is not None else default_migrations_dir())
+    conn = await _connect(dsn)
+    try:
+        exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        applied = await _applied(conn) if exists else {}
+    except asyncpg.PostgresError as exc:
+        raise MigrationError(f"schema_migrations: cannot read it: {_one_line(str(exc))}") from exc
+    finally:
+        await _close(conn)
+    _check_unchanged(migrations, {v: checksum for v, (checksum, _) in applied.items()})
+    return [
+        (migration, applied[migration.version][1] if migration.version in applied else None)
+        for migration in migrations
+    ]

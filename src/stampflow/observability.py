@@ -1,0 +1,131 @@
+"""Structured JSON logs, Prometheus metrics, and the /healthz, /readyz and /metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):[^@\s]*@", re.I)
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URLs (``postgresql://user:secret@host`` -> ``user:***@host``)."""
+    return _SECRET_IN_URL.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+def _redact_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str) and "://" in value:
+            event[key] = redact(value)
+    return event
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """JSON lines on stderr; the correlation id comes from bound context variables."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_processor,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+WORKFLOWS = Counter(
+    "stampflow_workflows_total", "Workflows that reached a terminal state", ["kind", "state"]
+)
+WORKFLOWS_IN_FLIGHT = Gauge("stampflow_workflows_in_flight", "Workflows being run right now")
+WORKFLOW_LATENCY = Histogram(
+    "stampflow_workflow_latency_seconds", "Request published to workflow finished", ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TRANSITIONS = Counter("stampflow_transitions_total", "FSM transitions taken", ["kind", "to_state"])
+REDUCER_BATCH = Histogram(
+    "stampflow_reducer_batch_size", "Events per reducer batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+REDUCER_EVENTS = Counter("stampflow_reducer_events_total", "Events seen by the reducer", ["result"])
+CONSUMER_LAG = Gauge("stampflow_consumer_lag", "Records behind the end of the partition",
+                     ["group", "topic", "partition"])
+DLQ_RECORDS = Counter("stampflow_dlq_records_total", "Records sent to a dead-letter topic",
+                      ["topic"])
+RETRIES = Counter("stampflow_retries_total", "Retried calls to a service", ["service"])
+
+
+# --- health endpoint ----------------------------------------------------------------------------
+
+
+class HealthServer:
+    """A tiny HTTP server: /healthz (alive), /readyz (ready() is true), /metrics."""
+
+    def __init__(self, ready: Callable[[], bool], host: str = "127.0.0.1", port: int = 0) -> None:
+        self._ready = ready
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("health server not started: call start() first")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=5)
+            parts = line.decode("latin-1").split()
+            path = parts[1] if len(parts) >= 2 else "/"
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b""):
+                pass
+            if path == "/healthz":
+                status, body, ctype = 200, b"ok\n", "text/plain"
+            elif path == "/readyz":
+                ok = self._ready()
+                status, body, ctype = (200, b"ready\n", "text/plain") if ok else (
+                    503, b"not ready\n", "text/plain")
+            elif path == "/metrics":
+                status, body, ctype = 200, generate_latest(), CONTENT_TYPE_LATEST
+            else:
+                status, body, ctype = 404, b"not found\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,83 @@
+"""What operators ask PostgreSQL: the views, one workflow's history, stamps, roles."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from stampflow.errors import StampflowError
+
+ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+async def _fetch(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [dict(row) for row in await conn.fetch(query, *args)]
+    finally:
+        await conn.close()
+
+
+async def summary(url: str, namespace: str | None = None) -> list[dict[str, Any]]:
+    return await _fetch(
+        url,
+        "SELECT * FROM namespace_summary WHERE $1::text IS NULL OR namespace = $1 "
+        "ORDER BY namespace",
+        namespace,
+    )
+
+
+async def workflows(url: str, namespace: str | None, state: str | None,
+                    limit: int = 50) -> list[dict[str, Any]]:
+    return await _fetch(
+        url,
+        "SELECT * FROM workflow_overview WHERE ($1::text IS NULL OR namespace = $1) "
+        "AND ($2::text IS NULL OR state = $2) ORDER BY updated_at DESC LIMIT $3",
+        namespace, state, limit,
+    )
+
+
+async def history(url: str, workflow_id: str) -> list[dict[str, Any]]:
+    try:
+        wid = UUID(workflow_id)
+    except ValueError:
+        raise StampflowError(f"{workflow_id}: not a workflow id (expected a UUID)") from None
+    rows = await _fetch(
+        url, "SELECT * FROM workflow_transitions WHERE workflow_id = $1 ORDER BY seq", wid
+    )
+    if not rows:
+        raise StampflowError(f"{workflow_id}: no such workflow (or not visible to this role)")
+    return rows
+
+
+async def find_stamp(url: str, namespace: str, hash_hex: str) -> dict[str, Any] | None:
+    rows = await _fetch(url, "SELECT * FROM stamps WHERE namespace = $1 AND hash = $2",
+                        namespace, hash_hex)
+    return rows[0] if rows else None
+
+
+async def create_role(url: str, role: str, namespaces: list[str], password: str | None) -> None:
+    """A login role that reads only ``namespaces`` (row-level security on every table)."""
+    if not ROLE_NAME.match(role):
+        raise StampflowError(f"{role}: not a valid role name (lowercase letters, digits, _)")
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+            if not exists:
+                await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            if password is not None:
+                quoted = await conn.fetchval("SELECT quote_literal($1)", password)
+                await conn.execute(f'ALTER ROLE "{role}" PASSWORD {quoted}')
+            await conn.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
+            await conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+            await conn.execute(
+                "INSERT INTO namespace_grants (role_name, namespace) "
+                "SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+                role, namespaces,
+            )
+    finally:
+        await conn.close()

