@@ -24,7 +24,6 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
-from nodes.stamping import StampError, StampingNode
 from pydantic import ValidationError
 
 from contracts.events import (
@@ -50,6 +49,7 @@ from nodes.orchestrator.core import (
     Outcome,
     StampSucceeded,
 )
+from nodes.stamping import StampError, StampingNode
 from stampflow.observability import (
     DLQ_RECORDS,
     RETRIES,
@@ -120,6 +120,7 @@ class Orchestrator:
         self._consumer: AIOKafkaConsumer | None = None
         self.ready = False
         self.processed = 0
+        self.peak_in_flight = 0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -202,6 +203,7 @@ class Orchestrator:
     def _spawn(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         key = (tp.topic, tp.partition)
         self.tracker.started(key, record.offset)
+        self.peak_in_flight = max(self.peak_in_flight, self.tracker.in_flight())
         task = asyncio.create_task(self._handle(record))
         group = self._tasks.setdefault(key, set())
         group.add(task)

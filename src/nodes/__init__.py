@@ -1,0 +1,1 @@
+"""stampflow nodes: the orchestrator, the reducer and the compute and effect nodes."""

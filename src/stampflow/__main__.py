@@ -1,0 +1,3 @@
+from stampflow.cli import main
+
+main()
