@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -237,7 +236,7 @@ def demo_cmd(
 
 @submit_app.command("stamp")
 def submit_stamp(
-    paths: Annotated[list[Path], typer.Argument(help="Files or directories under the content root.")],
+    paths: Annotated[list[Path], typer.Argument(help="Files or directories (content root).")],
     namespace: NamespaceOpt = "default",
 ) -> None:
     """Publish one stamp request per file (directories are walked), with a progress bar."""
@@ -370,9 +369,3 @@ def endpoints_for(s: Settings, *, need_broker: bool = True) -> Any:
         )
     return found
 
-
-def _json(value: Any) -> str:
-    return json.dumps(value, default=str)
-
-
-Handler = Callable[..., Any]

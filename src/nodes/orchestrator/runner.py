@@ -236,6 +236,11 @@ class Orchestrator:
                     log.warning("publish failed; retrying", error=str(err), wait_s=round(wait, 3),
                                 offset=record.offset, partition=record.partition)
                     await asyncio.sleep(wait)
+                except Exception as err:  # noqa: BLE001 - a bug must not lose the record
+                    log.exception("unexpected error; sending the record to the dead-letter topic",
+                                  offset=record.offset, partition=record.partition)
+                    await self._dead_letter_until_done(record, f"internal error: {err!r}")
+                    return
         finally:
             WORKFLOWS_IN_FLIGHT.dec()
 
@@ -337,7 +342,7 @@ class Orchestrator:
                              reason: str) -> None:
         identity = probe_identity(raw)
         if identity is None:
-            await self._dead_letter(record, raw, reason)
+            await self._dead_letter(record, reason)
             return
         namespace, request_id = identity
         kind = _kind_of(_peek_type(raw))
@@ -362,6 +367,19 @@ class Orchestrator:
             if isinstance(c, Finished):
                 WORKFLOWS.labels("invalid", c.state).inc()
         await self._flush(pending)
+
+    async def _dead_letter_until_done(self, record: ConsumerRecord[bytes, bytes],
+                                      reason: str) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._dead_letter(record, reason)
+                return
+            except KafkaError as err:
+                wait = self.contract.io_policy.retry.backoff_ms(min(attempt, 8)) / 1000.0
+                log.warning("dead-letter publish failed; retrying", error=str(err))
+                await asyncio.sleep(wait)
 
     async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
         dlq = dlq_topic(record.topic)
