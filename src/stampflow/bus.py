@@ -7,7 +7,6 @@ Consumers always start from committed offsets, falling back to the earliest, nev
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int) 
         try:
             await admin.start()
             existing = set(await admin.list_topics())
-        except (KafkaConnectionError, OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, KafkaConnectionError, OSError) as err:
             raise ServiceUnavailable("Kafka broker", bootstrap, str(err) or type(err).__name__
                                      ) from None
         missing = [t for t in dict.fromkeys(topics) if t not in existing]

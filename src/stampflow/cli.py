@@ -17,6 +17,7 @@ from rich.table import Table
 from contracts.nodes import ContractError
 from stampflow.errors import StampflowError
 from stampflow.observability import configure_logging, redact
+from stampflow.services import Endpoints
 from stampflow.settings import ServiceSource, Settings
 
 T = TypeVar("T")
@@ -351,15 +352,12 @@ def _print_summary(rows: list[dict[str, Any]], *, title: str) -> None:
     out.print(table)
 
 
-def endpoints_for(s: Settings, *, need_broker: bool = True) -> Any:
+def endpoints_for(s: Settings, *, need_broker: bool = True) -> Endpoints:
     """The services this command talks to: external ones, or the running embedded ones."""
-    from stampflow.services import EmbeddedServices, Endpoints, external_endpoints
+    from stampflow.services import EmbeddedServices, external_endpoints
 
-    if s.services is ServiceSource.EXTERNAL:
-        return external_endpoints(s)
-    if s.database_url is not None and (s.bootstrap_servers or not need_broker):
-        return Endpoints(database_url=s.database_url.get_secret_value(),
-                         bootstrap_servers=s.bootstrap_servers or "")
+    if s.services is ServiceSource.EXTERNAL or s.database_url is not None:
+        return external_endpoints(s, need_broker=need_broker)
     found = EmbeddedServices.read_state(s.state_dir)
     if found is None:
         raise StampflowError(
@@ -368,4 +366,3 @@ def endpoints_for(s: Settings, *, need_broker: bool = True) -> Any:
             "STAMPFLOW_DATABASE_URL and STAMPFLOW_BOOTSTRAP_SERVERS"
         )
     return found
-

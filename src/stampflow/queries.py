@@ -8,13 +8,26 @@ from uuid import UUID
 
 import asyncpg
 
-from stampflow.errors import StampflowError
+from stampflow.errors import ServiceUnavailable, StampflowError
+from stampflow.observability import redact
+from stampflow.services import database_address
 
 ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+async def connect(url: str, timeout: float = 10.0) -> asyncpg.Connection:
+    """A connection, or one clear line naming the server's address and why not."""
+    try:
+        return await asyncpg.connect(url, timeout=timeout)
+    except (OSError, TimeoutError, asyncpg.PostgresConnectionError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.InvalidCatalogNameError) as err:
+        reason = redact(str(err) or type(err).__name__)
+        raise ServiceUnavailable("PostgreSQL", database_address(url), reason) from None
+
+
 async def _fetch(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         return [dict(row) for row in await conn.fetch(query, *args)]
     finally:
@@ -63,7 +76,7 @@ async def create_role(url: str, role: str, namespaces: list[str], password: str 
     """A login role that reads only ``namespaces`` (row-level security on every table)."""
     if not ROLE_NAME.match(role):
         raise StampflowError(f"{role}: not a valid role name (lowercase letters, digits, _)")
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         async with conn.transaction():
             exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)

@@ -377,14 +377,17 @@ def _reap(pid: int) -> None:
         pass
 
 
-def external_endpoints(settings: Settings) -> Endpoints:
-    missing = [name for name, value in (("STAMPFLOW_DATABASE_URL", settings.database_url),
-                                        ("STAMPFLOW_BOOTSTRAP_SERVERS",
-                                         settings.bootstrap_servers)) if not value]
+def external_endpoints(settings: Settings, *, need_broker: bool = True) -> Endpoints:
+    """Endpoints of services already running, from settings. A command that only queries
+    PostgreSQL passes ``need_broker=False``."""
+    wanted = [("STAMPFLOW_DATABASE_URL", settings.database_url)]
+    if need_broker:
+        wanted.append(("STAMPFLOW_BOOTSTRAP_SERVERS", settings.bootstrap_servers))
+    missing = [name for name, value in wanted if not value]
     if missing:
         raise StampflowError(f"external services need {' and '.join(missing)} to be set")
-    assert settings.database_url is not None and settings.bootstrap_servers is not None
-    return Endpoints(settings.database_url.get_secret_value(), settings.bootstrap_servers)
+    assert settings.database_url is not None
+    return Endpoints(settings.database_url.get_secret_value(), settings.bootstrap_servers or "")
 
 
 async def check_database(url: str, timeout: float = 5.0) -> None:

@@ -15,9 +15,11 @@ from tests.integration.stack import finished_count, running_stack, settings_for,
 pytestmark = pytest.mark.integration
 
 
-def cli(*args: str, database_url: str, bootstrap: str = "") -> subprocess.CompletedProcess[str]:
+def cli(*args: str, database_url: str, bootstrap: str = "",
+        topic_prefix: str = "stampflow") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, STAMPFLOW_SERVICES="external", STAMPFLOW_DATABASE_URL=database_url,
-               STAMPFLOW_BOOTSTRAP_SERVERS=bootstrap, COLUMNS="200")
+               STAMPFLOW_BOOTSTRAP_SERVERS=bootstrap, STAMPFLOW_TOPIC_PREFIX=topic_prefix,
+               COLUMNS="200")
     return subprocess.run([sys.executable, "-m", "stampflow", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
@@ -80,7 +82,7 @@ async def test_workflow_history_and_verify_through_the_cli(
     other.write_text("never submitted")
     async with running_stack(settings, endpoints) as stack:
         submitted = cli("submit", "stamp", str(doc), "-n", "cli", database_url=fresh_database_url,
-                        bootstrap=endpoints.bootstrap_servers)
+                        bootstrap=endpoints.bootstrap_servers, topic_prefix=topic_prefix)
         assert submitted.returncode == 0, submitted.stderr
         await wait_for(lambda: _at_least(fresh_database_url, 1), 60, "the workflow")
         del stack
