@@ -63,6 +63,10 @@ WORKFLOW_LATENCY = Histogram(
     "stampflow_workflow_latency_seconds", "Request published to workflow finished", ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+TRANSITION_SECONDS = Histogram(
+    "stampflow_fsm_transition_seconds", "Time the pure core spends per FSM transition",
+    buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1),
+)
 TRANSITIONS = Counter("stampflow_transitions_total", "FSM transitions taken", ["kind", "to_state"])
 REDUCER_BATCH = Histogram(
     "stampflow_reducer_batch_size", "Events per reducer batch",

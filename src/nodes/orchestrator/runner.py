@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ from nodes.stamping import StampError, StampingNode
 from stampflow.observability import (
     DLQ_RECORDS,
     RETRIES,
+    TRANSITION_SECONDS,
     TRANSITIONS,
     WORKFLOW_LATENCY,
     WORKFLOWS,
@@ -121,6 +123,8 @@ class Orchestrator:
         self.ready = False
         self.processed = 0
         self.peak_in_flight = 0
+        # Seconds the pure core spent per transition (start and each step), last 10,000.
+        self.transition_seconds: deque[float] = deque(maxlen=10_000)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -261,7 +265,9 @@ class Orchestrator:
         structlog.contextvars.bind_contextvars(correlation_id=str(request.event_id),
                                                namespace=request.namespace)
         try:
+            t0 = time.perf_counter()
             workflow, commands = self.core.start(request, self.clock())
+            self._timed(t0, commands)
             await self._execute(workflow, commands, request)
         finally:
             structlog.contextvars.unbind_contextvars("correlation_id", "namespace")
@@ -284,12 +290,16 @@ class Orchestrator:
                     # Publish what happened so far before the (possibly long) effect.
                     await self._flush(pending)
                     outcome = await self._stamp(stamp_request, request.namespace)
+                    t0 = time.perf_counter()
                     _, more = self.core.step(workflow, outcome)
+                    self._timed(t0, more)
                     queue[:0] = more
                 case CallInference(request=gen_request, seed=seed):
                     await self._flush(pending)
                     outcome = await self._generate(gen_request, seed, workflow)
+                    t0 = time.perf_counter()
                     _, more = self.core.step(workflow, outcome)
+                    self._timed(t0, more)
                     queue[:0] = more
                 case Finished(state=state):
                     WORKFLOWS.labels(workflow.kind, state).inc()
@@ -298,6 +308,15 @@ class Orchestrator:
                     log.info("workflow finished", workflow_id=str(workflow.workflow_id),
                              kind=workflow.kind, state=state)
         await self._flush(pending)
+
+    def _timed(self, t0: float, commands: list[Command]) -> None:
+        elapsed = time.perf_counter() - t0
+        taken = sum(1 for c in commands if isinstance(c, Emit)
+                    and c.envelope.event_type == "workflow.transitioned")
+        if taken:
+            per = elapsed / taken
+            self.transition_seconds.extend([per] * taken)
+            TRANSITION_SECONDS.observe(per)
 
     async def _flush(self, pending: list[tuple[bytes, bytes]]) -> None:
         if pending:
