@@ -39,8 +39,9 @@ app.add_typer(contracts_app, name="contracts")
 app.add_typer(submit_app, name="submit")
 app.add_typer(roles_app, name="roles")
 
-out = Console()
-err = Console(stderr=True)
+# Wide enough for the tables when the output goes to a file or a pipe.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", help="The namespace.")]
 
@@ -145,8 +146,8 @@ def stamp_cmd(
     failed = 0
     for path in _expand(paths):
         try:
-            out.print(node.stamp_path(path.resolve(), namespace=namespace).line(),
-                      markup=False, highlight=False, soft_wrap=True)
+            stamp = node.stamp_path(path.resolve(), namespace=namespace)
+            out.print(f"{stamp.line()}  {path}", markup=False, highlight=False, soft_wrap=True)
         except StampError as e:
             err.print(f"stampflow: {e}", markup=False, highlight=False)
             failed += 1

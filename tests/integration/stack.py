@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from stampflow.bus import make_consumer
-from stampflow.services import Endpoints
 
 from stampflow.app import RunningNodes, run_nodes
+from stampflow.bus import make_consumer
 from stampflow.client import Client
+from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import aggregates, finished_count, running_stack, settings_for, wait_for
+from tests.integration.stack import (
+    aggregates,
+    finished_count,
+    running_stack,
+    settings_for,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
