@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-EVENT_VERSION = 1
+EVENT_VERSION: Literal[1] = 1
 
 Namespace = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", strict=True)
@@ -182,7 +182,7 @@ class Envelope(Frozen):
 
     event_id: UUID
     event_type: str
-    event_version: Literal[1] = EVENT_VERSION
+    event_version: Literal[1] = 1
     namespace: Namespace
     correlation_id: UUID
     causation_id: UUID | None = None

@@ -121,7 +121,9 @@ class WorkflowMachine:
 
 def _adapt(guard: Guard) -> Callable[[EventData], bool]:
     def condition(event: EventData) -> bool:
-        return bool(guard(event.model, event.kwargs))
+        workflow = event.model
+        assert isinstance(workflow, Workflow)
+        return bool(guard(workflow, event.kwargs))
 
     condition.__name__ = getattr(guard, "__name__", "guard")
     return condition

@@ -56,10 +56,12 @@ def run(coro: Awaitable[T]) -> T:
 
 def main() -> None:
     """Entry point: expected errors become one line and exit code 1, no traceback."""
+    # Commands report failures themselves, as one line; nodes configure their own logs.
+    configure_logging("WARNING", "json", libraries="CRITICAL")
     try:
         app()
     except (StampflowError, ContractError) as e:
-        err.print(f"stampflow: {redact(str(e))}", markup=False, highlight=False)
+        err.print(f"stampflow: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaProducer
 
 from contracts.events import Envelope, GenerationRequested, StampRequested, envelope_for
 from stampflow.bus import ensure_topics, make_producer
+from stampflow.errors import StampflowError
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
@@ -22,18 +23,21 @@ class Client:
         self.settings = settings
         self.endpoints = endpoints
         self.source = source
-        self._producer: AIOKafkaProducer = make_producer(endpoints.bootstrap_servers)
+        self._producer: AIOKafkaProducer | _NotConnected = _NotConnected()
 
     async def __aenter__(self) -> Client:
         s = self.settings
         await ensure_topics(self.endpoints.bootstrap_servers,
                             [s.requests_topic, s.events_topic], s.topic_partitions)
-        await self._producer.start()
+        producer = make_producer(self.endpoints.bootstrap_servers)
+        await producer.start()
+        self._producer = producer
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self._producer.stop()
+        self._producer = _NotConnected()
 
     async def submit(self, namespace: str, payload: Any, *, event_id: UUID | None = None,
                      wait: bool = True) -> Envelope:
@@ -63,3 +67,10 @@ class Client:
 
     async def flush(self) -> None:
         await self._producer.flush()
+
+
+class _NotConnected:
+    """The producer before ``async with Client(...)``: every use says so, clearly."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise StampflowError("the client is not connected: use `async with Client(...)`")

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import asyncpg
+
+from stampflow.errors import StampflowError
 
 __all__ = [
     "LOCK_KEY",
@@ -46,7 +49,7 @@ _SELECT_APPLIED = "SELECT version, checksum, applied_at FROM schema_migrations"
 _INSERT_APPLIED = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
 
 
-class MigrationError(Exception):
+class MigrationError(StampflowError):
     """A migration file or run that cannot go ahead; the message is one line naming the file."""
 
 
@@ -141,8 +144,11 @@ async def _connect(dsn: str) -> Any:
     try:
         return await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        parts = urlsplit(dsn)
+        address = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+        reason = _one_line(str(exc)) or type(exc).__name__
         raise MigrationError(
-            f"cannot connect to PostgreSQL to migrate: {_one_line(str(exc)) or type(exc).__name__}"
+            f"PostgreSQL at {address} is unreachable, cannot migrate: {reason}"
         ) from exc
 
 

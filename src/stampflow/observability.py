@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -20,24 +20,43 @@ def redact(text: str) -> str:
     return _SECRET_IN_URL.sub(r"\g<scheme>\g<user>:***@", text)
 
 
-def _redact_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_processor(
+    _: Any, __: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key, value in event.items():
         if isinstance(value, str) and "://" in value:
             event[key] = redact(value)
     return event
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """JSON lines on stderr; the correlation id comes from bound context variables."""
+def configure_logging(level: str = "INFO", fmt: str = "json",
+                      libraries: str = "WARNING") -> None:
+    """JSON lines on stderr; the correlation id comes from bound context variables.
+
+    Standard-library loggers (aiokafka, asyncpg) go through the same processors, at the
+    ``libraries`` level.
+    """
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer()
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_processor,
+    ]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.getLevelNamesMapping().get(libraries.upper(), logging.WARNING))
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact_processor,
+            *shared,
             structlog.processors.format_exc_info,
             renderer,
         ],

@@ -30,6 +30,9 @@ async def _fetch(url: str, query: str, *args: Any) -> list[dict[str, Any]]:
     conn = await connect(url)
     try:
         return [dict(row) for row in await conn.fetch(query, *args)]
+    except asyncpg.UndefinedTableError as err:
+        raise StampflowError(f"PostgreSQL at {database_address(url)}: {err}; "
+                             "run `stampflow migrate` first") from None
     finally:
         await conn.close()
 

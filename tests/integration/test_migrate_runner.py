@@ -240,14 +240,16 @@ async def test_status_reports_applied_and_pending(fresh_database_url: str, tmp_p
 
 async def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
-    url = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres"
+    port = _free_port()
+    url = f"postgresql://postgres:hunter2@127.0.0.1:{port}/postgres"
 
     with pytest.raises(MigrationError) as caught:
         await migrate(url, directory)
 
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith("cannot connect to PostgreSQL to migrate:")
+    assert message.startswith(f"PostgreSQL at 127.0.0.1:{port} is unreachable, cannot migrate:")
+    assert "hunter2" not in message
 
 
 async def test_bad_directory_fails_before_connecting(tmp_path: Path) -> None:

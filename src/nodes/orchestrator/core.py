@@ -239,7 +239,8 @@ def _always(workflow: Workflow, kwargs: Mapping[str, Any]) -> bool:
 
 
 def _kind(workflow: Workflow) -> WorkflowKind:
-    kind = workflow.kind
-    if kind == "stamp" or kind == "generation":
-        return kind
-    raise ValueError(f"unknown workflow kind {kind!r}")
+    if workflow.kind == "stamp":
+        return "stamp"
+    if workflow.kind == "generation":
+        return "generation"
+    raise ValueError(f"unknown workflow kind {workflow.kind!r}")
