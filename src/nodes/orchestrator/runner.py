@@ -287,14 +287,14 @@ class Orchestrator:
                         log.debug("transition", workflow_id=str(workflow.workflow_id),
                                   to_state=getattr(payload, "to_state", None))
                 case CallStamping(request=stamp_request):
-                    # Publish what happened so far before the (possibly long) effect.
-                    await self._flush(pending)
+                    # Stamping is quick: its events go out with the result, in one flush.
                     outcome = await self._stamp(stamp_request, request.namespace)
                     t0 = time.perf_counter()
                     _, more = self.core.step(workflow, outcome)
                     self._timed(t0, more)
                     queue[:0] = more
                 case CallInference(request=gen_request, seed=seed):
+                    # Generation takes long: publish what happened so far first.
                     await self._flush(pending)
                     outcome = await self._generate(gen_request, seed, workflow)
                     t0 = time.perf_counter()
