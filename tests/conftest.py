@@ -13,18 +13,29 @@ import asyncio
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
-import asyncpg
 import pytest
 
-from stampflow.services import EmbeddedBroker, EmbeddedPostgres, EmbeddedServices, Endpoints
+from stampflow.errors import StampflowError
+from stampflow.services import (
+    EmbeddedBroker,
+    EmbeddedPostgres,
+    EmbeddedServices,
+    Endpoints,
+    create_database,
+    drop_database,
+    external_endpoints,
+    with_database,
+)
+from stampflow.settings import ServiceSource, Settings
 
-SOURCES = ("embedded", "external", "containers")
+SOURCES = tuple(s.value for s in ServiceSource)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,58 +46,65 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @dataclass
 class Services:
+    """The session's services. ``postgres``/``broker`` are None unless they are embedded:
+    fault tests stop, kill or freeze them through these."""
+
+    source: ServiceSource
     endpoints: Endpoints
-    postgres: EmbeddedPostgres | None = None  # fault tests need these; None when external
+    postgres: EmbeddedPostgres | None = None
     broker: EmbeddedBroker | None = None
 
 
 @contextmanager
-def start_services(source: str) -> Iterator[Services]:
-    if source == "embedded":
-        with tempfile.TemporaryDirectory(prefix="stampflow-test-") as tmp:
-            with EmbeddedServices(Path(tmp), fast=True) as svc:
-                yield Services(svc.endpoints, svc.postgres, svc.broker)
-    elif source == "external":
-        db = os.environ.get("STAMPFLOW_DATABASE_URL")
-        kafka = os.environ.get("STAMPFLOW_BOOTSTRAP_SERVERS")
-        if not db or not kafka:
-            raise pytest.UsageError("external services need STAMPFLOW_DATABASE_URL and "
-                                    "STAMPFLOW_BOOTSTRAP_SERVERS")
-        yield Services(Endpoints(db, kafka))
+def start_services(source: ServiceSource | str) -> Iterator[Services]:
+    """Services from ``source`` for as long as the context lasts. The seam for new sources."""
+    source = ServiceSource(source)
+    if source is ServiceSource.EMBEDDED:
+        with tempfile.TemporaryDirectory(prefix="stampflow-test-") as tmp, \
+                EmbeddedServices(Path(tmp), fast=True) as svc:
+            yield Services(source, svc.endpoints, svc.postgres, svc.broker)
+    elif source is ServiceSource.EXTERNAL:
+        try:
+            endpoints = external_endpoints(Settings(services=source))
+        except StampflowError as err:
+            pytest.fail(f"--services=external: {err}", pytrace=False)
+        yield Services(source, endpoints)
     else:
-        pytest.skip("the containers source arrives with the testcontainers issue")
+        pytest.skip("containers source arrives with the testcontainers issue")
+
+
+def _source(config: pytest.Config) -> str:
+    return str(config.getoption("--services")
+               or os.environ.get("STAMPFLOW_TEST_SERVICES") or ServiceSource.EMBEDDED.value)
 
 
 @pytest.fixture(scope="session")
 def services(request: pytest.FixtureRequest) -> Iterator[Services]:
-    source = (request.config.getoption("--services")
-              or os.environ.get("STAMPFLOW_TEST_SERVICES") or "embedded")
+    source = _source(request.config)
+    if source not in SOURCES:
+        raise pytest.UsageError(f"STAMPFLOW_TEST_SERVICES={source}: expected one of "
+                                f"{', '.join(SOURCES)}")
     with start_services(source) as found:
         yield found
 
 
 @pytest.fixture
 def topic_prefix() -> str:
+    """Unique per test: topics and consumer groups of different tests never meet."""
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+def _blocking(make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a coroutine from a sync fixture without touching the session's event loop."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(lambda: asyncio.run(make())).result()
 
 
 @pytest.fixture
 def fresh_database_url(services: Services) -> Iterator[str]:
+    """A database of its own for each test on the session's server, dropped afterwards."""
     name = f"test_{uuid.uuid4().hex[:16]}"
-    admin_url = services.endpoints.database_url
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
-    yield _with_database(admin_url, name)
-    asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    server = services.endpoints.database_url
+    _blocking(lambda: create_database(server, name))
+    yield with_database(server, name)
+    _blocking(lambda: drop_database(server, name))

