@@ -102,7 +102,7 @@ def migrate_cmd(
     """Apply pending SQL migrations (safe to run from several nodes at once)."""
     from stampflow import migrate as migrations
 
-    url = endpoints_for(settings()).database_url
+    url = endpoints_for(settings(), need_broker=False).database_url
     if status:
         for migration, applied_at in run(migrations.status(url)):
             when = applied_at.isoformat() if applied_at else "pending"

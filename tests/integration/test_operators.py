@@ -112,3 +112,24 @@ def test_unreachable_database_is_one_clear_line() -> None:
 
 async def _at_least(url: str, n: int) -> bool:
     return await finished_count(url) >= n
+
+
+async def test_two_concurrent_migrate_commands_apply_each_migration_once(
+    fresh_database_url: str,
+) -> None:
+    env = dict(os.environ, STAMPFLOW_SERVICES="external",
+               STAMPFLOW_DATABASE_URL=fresh_database_url)
+    procs = [subprocess.Popen([sys.executable, "-m", "stampflow", "migrate"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    applied = sorted(out.strip() for out, _ in outputs)
+    assert applied[0] == "applied 0 migration(s)", applied  # the second waited, then found none
+    assert applied[1].startswith("applied 1 migration(s)"), applied
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        rows = await conn.fetch("SELECT version, count(*) FROM schema_migrations GROUP BY 1")
+    finally:
+        await conn.close()
+    assert [(r[0], r[1]) for r in rows] == [(1, 1)]
