@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from contracts.events import NAMESPACE_PATTERN
 from contracts.nodes import ContractError
 from stampflow.errors import StampflowError
 from stampflow.observability import configure_logging, redact
@@ -43,7 +44,17 @@ app.add_typer(roles_app, name="roles")
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
-NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", help="The namespace.")]
+def _check_namespace(value: str | None) -> str | None:
+    if value is not None and not NAMESPACE_PATTERN.match(value):
+        raise StampflowError(
+            f"{value!r}: not a valid namespace (lowercase letters, digits, '_' and '-', "
+            "starting with a letter or digit, at most 63 characters)"
+        )
+    return value
+
+
+NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", help="The namespace.",
+                                           callback=_check_namespace)]
 
 
 def settings() -> Settings:
