@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -114,7 +115,7 @@ async def _at_least(url: str, n: int) -> bool:
     return await finished_count(url) >= n
 
 
-async def test_two_concurrent_migrate_commands_apply_each_migration_once(
+def test_two_concurrent_migrate_commands_apply_each_migration_once(
     fresh_database_url: str,
 ) -> None:
     env = dict(os.environ, STAMPFLOW_SERVICES="external",
@@ -127,9 +128,13 @@ async def test_two_concurrent_migrate_commands_apply_each_migration_once(
     applied = sorted(out.strip() for out, _ in outputs)
     assert applied[0] == "applied 0 migration(s)", applied  # the second waited, then found none
     assert applied[1].startswith("applied 1 migration(s)"), applied
-    conn = await asyncpg.connect(fresh_database_url)
-    try:
-        rows = await conn.fetch("SELECT version, count(*) FROM schema_migrations GROUP BY 1")
-    finally:
-        await conn.close()
-    assert [(r[0], r[1]) for r in rows] == [(1, 1)]
+
+    async def applied_rows() -> list[tuple[int, int]]:
+        conn = await asyncpg.connect(fresh_database_url)
+        try:
+            rows = await conn.fetch("SELECT version, count(*) FROM schema_migrations GROUP BY 1")
+        finally:
+            await conn.close()
+        return [(r[0], r[1]) for r in rows]
+
+    assert asyncio.run(applied_rows()) == [(1, 1)]
