@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
 
 from contracts.nodes import NodeContract, load_contracts
@@ -125,7 +125,7 @@ def build_orchestrator(
     core = OrchestratorCore(contract, Limits(max_content_bytes=max_bytes))
     group = f"{settings.consumer_group_prefix}-orchestrator"
 
-    def consumer_factory(listener: ConsumerRebalanceListener):  # type: ignore[no-untyped-def]
+    def consumer_factory(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
         consumer = make_consumer(endpoints.bootstrap_servers, [], group)
         consumer.subscribe([settings.requests_topic], listener=listener)
         return consumer
