@@ -1,0 +1,319 @@
+"""The batching core (pure) and the torch runner that executes one group in one pipeline call.
+
+Compatible jobs (same model, size, steps, guidance, true CFG, negative-prompt-or-not) share a
+pipeline call; each item keeps its own ``torch.Generator(device).manual_seed(seed)``, so a
+batched item equals the same item run alone (to float rounding). A CUDA out-of-memory error
+splits the batch in halves and retries; only an item that cannot fit alone fails.
+
+:meth:`InferenceEngine.run` blocks: call it from a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from inference.errors import InferenceError, InvalidRequest, TransientInferenceError
+from inference.registry import LoadedPipeline, ModelRegistry
+
+# --- pure -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationJob:
+    """One image to make. ``deadline`` and ``enqueued_at`` are ``time.monotonic()`` seconds."""
+
+    prompt: str
+    seed: int
+    model: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float = 0.0
+    true_cfg_scale: float = 1.0
+    negative_prompt: str | None = None
+    deadline: float | None = None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    key_id: str = ""  # the caller's handle (e.g. the workflow id), carried through untouched
+
+
+class BatchKey(NamedTuple):
+    model: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    true_cfg_scale: float
+    has_negative_prompt: bool
+
+
+def batch_key(job: GenerationJob) -> BatchKey:
+    return BatchKey(job.model, job.width, job.height, job.num_inference_steps,
+                    job.guidance_scale, job.true_cfg_scale, job.negative_prompt is not None)
+
+
+def group_jobs(jobs: Sequence[GenerationJob], max_batch_size: int) -> list[list[GenerationJob]]:
+    """Split ``jobs`` into compatible groups of at most ``max_batch_size``.
+
+    Groups come in the order of their first job; jobs keep their order inside a group.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size {max_batch_size} is not at least 1")
+    by_key: dict[BatchKey, list[GenerationJob]] = {}
+    for job in jobs:
+        by_key.setdefault(batch_key(job), []).append(job)
+    return [group[i:i + max_batch_size]
+            for group in by_key.values() for i in range(0, len(group), max_batch_size)]
+
+
+def validate_size(width: int, height: int, multiple: int, max_pixels: int | None) -> None:
+    """Raise :class:`InvalidRequest` for a size the pipeline cannot make."""
+    if width % multiple or height % multiple:
+        raise InvalidRequest(
+            f"size {width}x{height}: width and height must be multiples of {multiple}"
+        )
+    if max_pixels is not None and width * height > max_pixels:
+        raise InvalidRequest(
+            f"size {width}x{height}: {width * height} pixels exceeds this node's cap of "
+            f"{max_pixels}"
+        )
+
+
+def split_in_halves(jobs: Sequence[GenerationJob]) -> tuple[list[GenerationJob], ...]:
+    middle = (len(jobs) + 1) // 2
+    return list(jobs[:middle]), list(jobs[middle:])
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    job: GenerationJob
+    png: bytes
+    width: int
+    height: int
+    seed: int
+    prompt_tokens: int
+    truncated_tokens: int
+    negative_prompt_ignored: bool
+    timings_ms: dict[str, float]
+    batch_size: int
+    device: str
+    array: Any = None  # float32 HxWx3 in [0, 1] when the engine keeps arrays
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFailed:
+    job: GenerationJob
+    code: str
+    reason: str
+    transient: bool = False
+
+
+ItemResult = GeneratedImage | ItemFailed
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    tokens: int  # the longest tokenisation over the pipeline's tokenizers, specials included
+    truncated: int  # tokens beyond the limit of the tokenizer that cuts most
+
+
+# --- torch runner -----------------------------------------------------------------------------
+
+
+class InferenceEngine:
+    """Runs groups of compatible jobs on pipelines from ``registry``.
+
+    ``max_sequence_length`` is passed to pipelines that take it (FLUX's T5 prompt length).
+    ``keep_arrays`` keeps each decoded float image on the result (tests compare them).
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        max_sequence_length: int = 512,
+        keep_arrays: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.max_sequence_length = max_sequence_length
+        self.keep_arrays = keep_arrays
+        self.clock = clock
+        self.calls: list[int] = []  # the batch size of every pipeline call made, in order
+
+    def run(self, jobs: Sequence[GenerationJob]) -> list[ItemResult]:
+        """Run one compatible group (see :func:`group_jobs`); one result per job, in order."""
+        if not jobs:
+            return []
+        keys = {batch_key(job) for job in jobs}
+        if len(keys) != 1:
+            raise ValueError(f"jobs of {len(keys)} different batch keys cannot share a call")
+        started = self.clock()
+        live = [job for job in jobs if job.deadline is None or job.deadline > started]
+        results: dict[int, ItemResult] = {
+            id(job): ItemFailed(job, "timeout", "deadline passed before inference started")
+            for job in jobs if not any(job is other for other in live)
+        }
+        if live:
+            try:
+                loaded = self.registry.load(live[0].model)
+            except InferenceError as err:
+                for job in live:
+                    results[id(job)] = ItemFailed(job, err.code, str(err), err.transient)
+            else:
+                for result in self._run_splitting(loaded, live, started):
+                    results[id(result.job)] = result
+        return [results[id(job)] for job in jobs]
+
+    def _run_splitting(
+        self, loaded: LoadedPipeline, jobs: list[GenerationJob], started: float
+    ) -> list[ItemResult]:
+        import torch
+
+        try:
+            return list(self._run_batch(loaded, jobs, started))
+        except torch.cuda.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(jobs) == 1:
+                job = jobs[0]
+                return [ItemFailed(job, "out_of_memory",
+                                   f"{job.width}x{job.height} at {job.num_inference_steps} "
+                                   f"steps does not fit in {loaded.device} memory alone")]
+            first, second = split_in_halves(jobs)
+            return (self._run_splitting(loaded, first, started)
+                    + self._run_splitting(loaded, second, started))
+        except InferenceError as err:
+            return [ItemFailed(job, err.code, str(err), err.transient) for job in jobs]
+
+    def _run_batch(
+        self, loaded: LoadedPipeline, jobs: list[GenerationJob], started: float
+    ) -> list[ItemResult]:
+        import numpy as np
+        import torch
+
+        pipe = loaded.pipeline
+        first = jobs[0]
+        params = _call_parameters(pipe)
+        validate_size(first.width, first.height, _size_multiple(pipe), None)
+        acts = negative_prompt_acts(first, "true_cfg_scale" in params)
+        counts = [count_tokens(pipe, job.prompt, self._sequence_limit(params)) for job in jobs]
+        kwargs: dict[str, Any] = {
+            "prompt": [job.prompt for job in jobs],
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.num_inference_steps,
+            "guidance_scale": first.guidance_scale,
+            "generator": [torch.Generator(loaded.device).manual_seed(job.seed) for job in jobs],
+            "output_type": "np",
+        }
+        if "true_cfg_scale" in params:
+            kwargs["true_cfg_scale"] = first.true_cfg_scale
+        if "max_sequence_length" in params:
+            kwargs["max_sequence_length"] = self.max_sequence_length
+        if acts:
+            kwargs["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
+        t0 = self.clock()
+        try:
+            with torch.inference_mode():
+                output = pipe(**kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (ValueError, TypeError) as err:
+            raise InvalidRequest(
+                f"model {first.model!r}: pipeline refused the request: {_one_line(err)}"
+            ) from err
+        except RuntimeError as err:
+            raise TransientInferenceError(
+                f"model {first.model!r}: pipeline call failed: {_one_line(err)}"
+            ) from err
+        inference_ms = (self.clock() - t0) * 1000.0
+        self.calls.append(len(jobs))
+        images = np.asarray(output.images, dtype=np.float32)
+        results: list[ItemResult] = []
+        for job, count, image in zip(jobs, counts, images, strict=True):
+            e0 = self.clock()
+            png = encode_png(image)
+            encode_ms = (self.clock() - e0) * 1000.0
+            results.append(GeneratedImage(
+                job=job, png=png, width=int(image.shape[1]), height=int(image.shape[0]),
+                seed=job.seed, prompt_tokens=count.tokens, truncated_tokens=count.truncated,
+                negative_prompt_ignored=job.negative_prompt is not None and not acts,
+                timings_ms={"queue_wait": max(0.0, (started - job.enqueued_at) * 1000.0),
+                            "inference": inference_ms, "encode": encode_ms},
+                batch_size=len(jobs), device=loaded.device,
+                array=image if self.keep_arrays else None,
+            ))
+        return results
+
+    def _sequence_limit(self, params: frozenset[str]) -> int | None:
+        return self.max_sequence_length if "max_sequence_length" in params else None
+
+
+def negative_prompt_acts(job: GenerationJob, has_true_cfg: bool) -> bool:
+    """Does the negative prompt change anything? FLUX: only with true_cfg_scale > 1; pipelines
+    with classic CFG (Stable Diffusion): only with guidance_scale > 1."""
+    if job.negative_prompt is None:
+        return False
+    return job.true_cfg_scale > 1.0 if has_true_cfg else job.guidance_scale > 1.0
+
+
+def count_tokens(pipe: Any, prompt: str, second_limit: int | None) -> TokenCount:
+    """Tokens in ``prompt`` per tokenizer of ``pipe`` (no truncation) and how many are cut.
+
+    ``tokenizer`` is cut at its ``model_max_length`` (77 for CLIP); ``tokenizer_2`` at
+    ``second_limit`` when given (FLUX's max_sequence_length), else at its own maximum.
+    """
+    tokens = truncated = 0
+    for attr in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, attr, None)
+        if tokenizer is None:
+            continue
+        limit = second_limit if attr == "tokenizer_2" and second_limit else (
+            tokenizer.model_max_length)
+        n = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+        tokens = max(tokens, n)
+        truncated = max(truncated, n - int(limit))
+    return TokenCount(tokens, max(0, truncated))
+
+
+def encode_png(image: Any) -> bytes:
+    """A float HxWx3 image in [0, 1] as PNG bytes (deterministic for equal input)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> Any:
+    """PNG bytes → float32 HxWx3 array in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _call_parameters(pipe: Any) -> frozenset[str]:
+    return frozenset(inspect.signature(pipe.__call__).parameters)
+
+
+def _size_multiple(pipe: Any) -> int:
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    # FLUX packs 2x2 latent patches: sizes must be multiples of 2x the VAE factor.
+    return factor * 2 if type(pipe).__name__.startswith("Flux") else factor
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] or type(err).__name__
