@@ -12,7 +12,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
 
-from contracts.nodes import NodeContract, load_contracts
+from contracts.nodes import IoPolicy, NodeContract, load_contracts
+from inference import ArtifactStore, InferenceEffectNode, ModelRegistry
 from nodes.orchestrator.core import Limits, OrchestratorCore
 from nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
 from nodes.reducer.runner import Reducer, ReducerConfig
@@ -90,7 +91,10 @@ async def run_nodes(
         publisher = KafkaPublisher(producer)
         tasks: list[asyncio.Task[None]] = []
         if "orchestrator" in nodes:
-            orchestrator = build_orchestrator(settings, endpoints, contracts, publisher)
+            inference = build_inference(settings, contracts)
+            stack.push_async_callback(inference.aclose)
+            orchestrator = build_orchestrator(settings, endpoints, contracts, publisher,
+                                              inference)
             running.orchestrators.append(orchestrator)
             tasks.append(asyncio.create_task(orchestrator.run(stop), name="orchestrator"))
         if "reducer" in nodes:
@@ -114,15 +118,37 @@ async def run_nodes(
     return running
 
 
+def stamping_node(settings: Settings, contracts: dict[str, NodeContract]) -> StampingNode:
+    declared = contracts["stamping"].io_policy.max_content_bytes or settings.max_content_bytes
+    return StampingNode(settings.content_root,
+                        max_bytes=min(settings.max_content_bytes, declared))
+
+
+def build_inference(settings: Settings, contracts: dict[str, NodeContract]) -> InferenceEffectNode:
+    """The inference effect node, in-process. torch and the model load on first use."""
+    policy = contracts["inference"].io_policy
+    updates: dict[str, object] = {}
+    if settings.inference_device is not None:
+        updates["device"] = settings.inference_device
+    if settings.inference_dtype is not None:
+        updates["dtype"] = settings.inference_dtype
+    if updates:
+        policy = IoPolicy.model_validate({**policy.model_dump(), **updates})
+    return InferenceEffectNode(
+        registry=ModelRegistry(settings.models, device=policy.device, dtype=policy.dtype),
+        artifacts=ArtifactStore(settings.artifact_root),
+        stamping=stamping_node(settings, contracts),
+        io_policy=policy,
+    )
+
+
 def build_orchestrator(
     settings: Settings, endpoints: Endpoints, contracts: dict[str, NodeContract],
-    publisher: KafkaPublisher,
+    publisher: KafkaPublisher, inference: InferenceEffectNode | None = None,
 ) -> Orchestrator:
     contract = contracts["orchestrator"]
-    stamping_contract = contracts["stamping"]
-    max_bytes = min(settings.max_content_bytes,
-                    stamping_contract.io_policy.max_content_bytes or settings.max_content_bytes)
-    core = OrchestratorCore(contract, Limits(max_content_bytes=max_bytes))
+    stamping = stamping_node(settings, contracts)
+    core = OrchestratorCore(contract, Limits(max_content_bytes=stamping.max_bytes))
     group = f"{settings.consumer_group_prefix}-orchestrator"
 
     def consumer_factory(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
@@ -139,7 +165,8 @@ def build_orchestrator(
         ),
         consumer_factory=consumer_factory,
         publisher=publisher,
-        stamping=StampingNode(settings.content_root, max_bytes=max_bytes),
+        stamping=stamping,
+        inference=inference,
     )
 
 

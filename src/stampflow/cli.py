@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Iterator
@@ -38,7 +39,10 @@ roles_app = typer.Typer(help="Operator database roles limited to namespaces.",
 app.add_typer(services_app, name="services")
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(submit_app, name="submit")
+models_app = typer.Typer(help="Diffusers models for the inference effect node.",
+                         no_args_is_help=True)
 app.add_typer(roles_app, name="roles")
+app.add_typer(models_app, name="models")
 
 # Wide enough for the tables when the output goes to a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -277,6 +281,60 @@ def submit_stamp(
 
     ids = run(main())
     out.print(f"submitted {len(ids)} stamp request(s) to namespace {namespace}")
+
+
+@submit_app.command("generate")
+def submit_generate(
+    prompt: str,
+    namespace: NamespaceOpt = "default",
+    seed: Annotated[int | None, typer.Option(help="Default: derived from the request id.")] = None,
+    steps: Annotated[int, typer.Option(help="Inference steps.")] = 4,
+    width: Annotated[int, typer.Option(help="A multiple of 16.")] = 512,
+    height: Annotated[int, typer.Option(help="A multiple of 16.")] = 512,
+    model: Annotated[str, typer.Option(help="A name from STAMPFLOW_MODELS, a folder or a repo id.")]
+    = "flux-schnell",
+    negative_prompt: Annotated[str | None, typer.Option(help="Acts when --true-cfg > 1.")] = None,
+    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 0.0,
+    true_cfg: Annotated[float, typer.Option(help="True CFG scale (1: off).")] = 1.0,
+) -> None:
+    """Publish one image-generation request."""
+    from pydantic import ValidationError
+
+    from contracts.events import GenerationRequested
+    from nodes.deadletter import one_line
+    from stampflow.client import Client
+
+    try:
+        request = GenerationRequested(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+            num_inference_steps=steps, guidance_scale=guidance, true_cfg_scale=true_cfg,
+            seed=seed, model=model)
+    except ValidationError as e:
+        raise StampflowError(f"generation request: {one_line(e)}") from None
+    s = settings()
+    endpoints = endpoints_for(s)
+
+    async def main() -> str:
+        async with Client(s, endpoints) as client:
+            return str(await client.submit_generation(namespace, request))
+
+    request_id = run(main())
+    out.print(f"submitted generation request {request_id} to namespace {namespace}")
+
+
+@models_app.command("make-tiny")
+def models_make_tiny(
+    directory: Path,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Build a tiny FluxPipeline with random weights, locally, and save it to DIRECTORY."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from inference import make_tiny_flux
+
+    path = make_tiny_flux(directory, seed=seed)
+    out.print(f"tiny FluxPipeline saved to {path}")
+    out.print(f'use it: STAMPFLOW_MODELS=\'{{"tiny": "{path}"}}\' and --model tiny')
 
 
 # --- operator queries ----------------------------------------------------------------------------

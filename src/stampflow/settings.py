@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     reducer_batch_max: int = Field(default=5000, ge=1)
     reducer_batch_wait_ms: int = Field(default=200, ge=1)
 
+    # Generation: model name -> local folder or Hugging Face repo id (looked up in the local
+    # cache only), as JSON: STAMPFLOW_MODELS='{"tiny": "/models/tiny-flux"}'.
+    models: dict[str, str] = Field(default_factory=dict)
+    # Generated images, stored by BLAKE3 hash.
+    artifact_root: Path = Path(".stampflow/artifacts")
+    # Overrides of the inference contract's device and dtype (auto: bf16 on CUDA, else fp32).
+    inference_device: str | None = None
+    inference_dtype: str | None = None
+
     # Ports for /metrics, /healthz and /readyz (0: pick a free one)
     http_port: int = Field(default=0, ge=0, le=65535)
     log_level: str = "INFO"

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from contracts.nodes import NodeContract
 from stampflow.app import RunningNodes, run_nodes
 from stampflow.bus import make_consumer
 from stampflow.client import Client
@@ -44,12 +45,14 @@ class Stack:
 @contextlib.asynccontextmanager
 async def running_stack(settings: Settings, endpoints: Endpoints,
                         nodes: tuple[str, ...] = ("orchestrator", "reducer"),
+                        contracts: dict[str, NodeContract] | None = None,
                         ) -> AsyncIterator[Stack]:
     stop = asyncio.Event()
     started = asyncio.Event()
     running = RunningNodes()
     task = asyncio.create_task(
-        run_nodes(settings, endpoints, list(nodes), stop, started=started, running=running))
+        run_nodes(settings, endpoints, list(nodes), stop, started=started, running=running,
+                  contracts=contracts))
     done, _ = await asyncio.wait([task, asyncio.create_task(started.wait())], timeout=60,
                                  return_when=asyncio.FIRST_COMPLETED)
     if task in done:

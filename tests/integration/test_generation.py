@@ -1,0 +1,110 @@
+"""Generation requests end to end: Kafka -> orchestrator -> the real diffusers pipeline (a tiny
+FLUX built here) -> artifact store + stamp -> generation.completed -> PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+from uuid import uuid4
+
+import pytest
+from blake3 import blake3
+
+from contracts.events import GenerationRequested, derive_id
+from contracts.nodes import load_contracts
+from inference import make_tiny_flux
+from tests.integration.stack import (
+    aggregates,
+    fetch,
+    finished_count,
+    running_stack,
+    settings_for,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
+
+
+def small(prompt: str, **kw: object) -> GenerationRequested:
+    return GenerationRequested(prompt=prompt, width=64, height=64, num_inference_steps=2,
+                               model="tiny", **kw)  # type: ignore[arg-type]
+
+
+async def test_generation_requests_end_to_end(
+    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    tiny_model: Path,
+) -> None:
+    endpoints = services.endpoints.with_database(fresh_database_url)
+    settings = settings_for(endpoints, topic_prefix, tmp_path, models={"tiny": str(tiny_model)},
+                            artifact_root=tmp_path / "artifacts")
+    async with running_stack(settings, endpoints) as stack:
+        c = stack.client
+        ok_ids = [await c.submit_generation("art", small("a red cat", seed=7)),
+                  await c.submit_generation("art", small("a blue dog")),  # seed from the id
+                  await c.submit_generation("art", small("a red cat", seed=7))]  # same image
+        await c.submit_generation("art", GenerationRequested(prompt="x", model="missing-model",
+                                                             width=64, height=64))
+        bad = {"event_id": str(uuid4()), "event_type": "generation.requested",
+               "namespace": "art", "correlation_id": str(uuid4()),
+               "occurred_at": "2026-01-01T00:00:00Z", "source": "t",
+               "payload": {"type": "generation.requested", "prompt": "p", "width": 500}}
+        await c.publish_raw(json.dumps(bad).encode(), b"art")
+        await wait_for(lambda: _done(fresh_database_url, 5), 120, "5 generation workflows")
+    rows = await fetch(fresh_database_url,
+                       "SELECT workflow_id, state, outcome, error_code, reason, hash "
+                       "FROM workflows ORDER BY created_at")
+    by_id = {r["workflow_id"]: r for r in rows}
+    done = [by_id[derive_id(i, "workflow")] for i in ok_ids]
+    assert [r["state"] for r in done] == ["completed"] * 3
+    assert done[0]["hash"] == done[2]["hash"]  # same seed and prompt: the same PNG
+    assert done[0]["hash"] != done[1]["hash"]
+    failed = sorted((r["error_code"], r["reason"]) for r in rows if r["state"] == "failed")
+    assert [code for code, _ in failed] == ["invalid_request", "model_not_found"]
+    assert "multiple of 16" in failed[0][1]
+    assert "missing-model" in failed[1][1]
+    agg = (await aggregates(fresh_database_url))["art"]
+    assert (agg["workflows"], agg["completed"], agg["failed"], agg["generations"]) == (5, 3, 2, 3)
+    assert agg["total_pixels"] == 3 * 64 * 64
+    assert agg["compute_seconds"] > 0
+    assert agg["stamps"] == 2  # two distinct images, the third is the first again
+    transitions = await fetch(fresh_database_url,
+                              "SELECT array_agg(to_state ORDER BY seq) AS s FROM "
+                              "workflow_transitions WHERE workflow_id = $1",
+                              done[0]["workflow_id"])
+    assert transitions[0]["s"] == ["received", "generating", "stamping", "completed"]
+    stamps = await fetch(fresh_database_url, "SELECT hash, source, size FROM stamps")
+    for stamp in stamps:
+        path = Path(urlsplit(stamp["source"]).path)
+        data = await asyncio.to_thread(path.read_bytes)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert blake3(data).hexdigest() == stamp["hash"] and len(data) == stamp["size"]
+
+
+async def test_a_generation_that_times_out_fails_clearly(
+    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    tiny_model: Path,
+) -> None:
+    endpoints = services.endpoints.with_database(fresh_database_url)
+    settings = settings_for(endpoints, topic_prefix, tmp_path, models={"tiny": str(tiny_model)},
+                            artifact_root=tmp_path / "artifacts")
+    contracts = load_contracts()
+    inference = contracts["inference"]
+    contracts["inference"] = inference.model_copy(update={
+        "io_policy": inference.io_policy.model_copy(update={"timeout_ms": 1})})
+    async with running_stack(settings, endpoints, contracts=contracts) as stack:
+        await stack.client.submit_generation("slow", small("too slow"))
+        await wait_for(lambda: _done(fresh_database_url, 1), 60, "the workflow")
+    rows = await fetch(fresh_database_url, "SELECT state, error_code, reason FROM workflows")
+    assert [(r["state"], r["error_code"]) for r in rows] == [("failed", "timeout")]
+    assert "\n" not in rows[0]["reason"]
+
+
+async def _done(url: str, n: int) -> bool:
+    return await finished_count(url) >= n
