@@ -166,7 +166,10 @@ class ModelRegistry:
 
     def _load(self, model: ResolvedModel) -> LoadedPipeline:
         import torch
+        from diffusers.utils import logging as diffusers_logging
 
+        # A service logs structured lines; the per-component loading bar is noise there.
+        diffusers_logging.disable_progress_bar()
         device = resolve_device(self.device_policy, torch.cuda.is_available())
         dtype = resolve_dtype(self.dtype_policy, device)
         cls = _pipeline_type(model.spec.pipeline_class)

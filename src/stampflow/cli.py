@@ -240,13 +240,16 @@ def up_cmd() -> None:
 @app.command("demo")
 def demo_cmd(
     per_namespace: Annotated[int, typer.Option(help="Stamp requests per namespace.")] = 25,
+    generations: Annotated[int, typer.Option(help="Generations per namespace.")] = 2,
 ) -> None:
-    """The main job: start everything, stamp content in 4 namespaces, print the aggregates."""
+    """The main job: stamp content and generate images in 4 namespaces, print the aggregates."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from stampflow.demo import run_demo
 
     s = settings()
     configure_logging("WARNING", "console")
-    rows = run_demo(s, per_namespace=per_namespace, console=err)
+    rows = run_demo(s, per_namespace=per_namespace, generations=generations, console=err)
     _print_summary(rows, title="stampflow demo: per-namespace aggregates")
 
 
@@ -415,11 +418,13 @@ def roles_create(
 
 def _print_summary(rows: list[dict[str, Any]], *, title: str) -> None:
     table = Table("namespace", "workflows", "completed", "failed", "in flight", "duplicates",
-                  "stamps", "bytes", "generations", "anomalies", title=title)
+                  "stamps", "bytes", "generations", "pixels", "compute s", "anomalies",
+                  title=title)
     for r in rows:
         table.add_row(r["namespace"], str(r["workflows"]), str(r["completed"]),
                       str(r["failed"]), str(r["in_flight"]), str(r["duplicates"]),
                       str(r["stamps"]), f"{r['total_bytes']:,}", str(r["generations"]),
+                      f"{r['total_pixels']:,}", f"{r['compute_seconds']:.2f}",
                       str(r["anomalies"]))
     out.print(table)
 
