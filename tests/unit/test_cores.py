@@ -6,6 +6,7 @@ import base64
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -192,3 +193,27 @@ def test_orchestrator_fsm_is_the_contracts() -> None:
 
 def test_reducer_consumes_what_the_orchestrator_produces() -> None:
     assert REDUCER.consumed_events() == ORCH.produced_events()
+
+
+def test_generation_aggregates_count_each_item_s_share_of_a_batch() -> None:
+    from contracts.events import GenerationCompleted, GenerationRequested
+    from nodes.orchestrator.core import GenerationSucceeded
+
+    c = core()
+    rid = uuid4()
+    req = envelope_for(GenerationRequested(prompt="cat", width=64, height=64), namespace="g",
+                       event_id=rid, correlation_id=rid, causation_id=None, source="t",
+                       occurred_at=T0)
+    wf, commands = c.start(req, T0)
+    done = GenerationCompleted(
+        workflow_id=wf.workflow_id, artifact_uri="file:///x.png", hash="cd" * 32, size=100,
+        seed=1, width=64, height=64, num_inference_steps=2, model="tiny", device="cpu",
+        prompt_tokens=3, batch_size=4, timings_ms={"inference": 400.0})
+    _, more = c.step(wf, GenerationSucceeded(done, T0))
+    events = [x.envelope for x in [*commands, *more] if isinstance(x, Emit)]
+    _, writes = reduce(ReducerState(), events, FSMS)
+    g = writes.aggregates["g"]
+    assert (g.workflows, g.completed, g.generations, g.total_pixels) == (1, 1, 1, 64 * 64)
+    assert g.compute_seconds == pytest.approx(0.1)
+    assert (g.stamps, g.total_bytes) == (1, 100)
+    assert writes.workflows[wf.workflow_id].outcome == "generated"

@@ -265,7 +265,9 @@ class _Reduction:
         delta = self.writes.delta(ns)
         delta.generations += 1
         delta.total_pixels += event.width * event.height
-        delta.compute_seconds += event.timings_ms.get("inference", 0.0) / 1000.0
+        # A batched pipeline call reports the whole call's time on each item: count its share.
+        delta.compute_seconds += (
+            event.timings_ms.get("inference", 0.0) / 1000.0 / max(1, event.batch_size))
         key = (ns, event.hash)
         if key not in self.known:
             self.known.add(key)
