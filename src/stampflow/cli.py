@@ -352,6 +352,29 @@ def status_cmd(namespace: Annotated[str | None, typer.Option("--namespace", "-n"
     _print_summary(rows, title="stampflow status")
 
 
+@app.command("check")
+def check_cmd(namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None) -> None:
+    """Recompute aggregates from the base rows and compare; exit 1 on any difference."""
+    from stampflow.queries import connect
+    from stampflow.reconcile import check
+
+    url = endpoints_for(settings(), need_broker=False).database_url
+
+    async def main() -> list[str]:
+        conn = await connect(url)
+        try:
+            return [str(d) for d in await check(conn, namespace)]
+        finally:
+            await conn.close()
+
+    differences = run(main())
+    for line in differences:
+        out.print(f"DIFFERS  {line}", markup=False, highlight=False)
+    if differences:
+        raise typer.Exit(1)
+    out.print("consistent: stored aggregates equal those recomputed from the base rows")
+
+
 @app.command("workflows")
 def workflows_cmd(
     namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,

@@ -87,6 +87,17 @@ async def finished_count(url: str) -> int:
     return int(rows[0]["n"])
 
 
+async def reconcile(url: str) -> list[str]:
+    """`stampflow check`'s differences: empty when the aggregates match the base rows."""
+    from stampflow.reconcile import check
+
+    conn = await asyncpg.connect(url)
+    try:
+        return [str(d) for d in await check(conn)]
+    finally:
+        await conn.close()
+
+
 async def aggregates(url: str) -> dict[str, dict[str, Any]]:
     rows = await fetch(url, "SELECT * FROM namespace_summary")
     return {r["namespace"]: r for r in rows}

@@ -12,7 +12,14 @@ from blake3 import blake3
 
 from stampflow.app import prepare
 from stampflow.client import Client
-from tests.integration.stack import NodeProcess, aggregates, fetch, finished_count, settings_for
+from tests.integration.stack import (
+    NodeProcess,
+    aggregates,
+    fetch,
+    finished_count,
+    reconcile,
+    settings_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,6 +115,7 @@ async def test_kill_9_and_restart_lose_nothing_and_count_nothing_twice(
                          "SELECT count(*) AS n FROM workflow_transitions GROUP BY workflow_id")
     assert len(per_wf) == total
     assert {r["n"] for r in per_wf} == {4}
+    assert await reconcile(fresh_database_url) == []
     distinct = await fetch(fresh_database_url, "SELECT count(*) AS n FROM stamps")
     assert distinct[0]["n"] == sum(len(t["hashes"]) for t in truth.values())  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ import pytest
 from tests.integration.stack import (
     aggregates,
     finished_count,
+    reconcile,
     running_stack,
     settings_for,
     wait_for,
@@ -56,6 +57,7 @@ async def test_postgres_outage_loses_nothing(
     assert sum(r["stamps"] for r in aggs.values()) == 600
     assert sum(r["anomalies"] for r in aggs.values()) == 0
     assert reducer.breaker.state.value == "closed"
+    assert await reconcile(fresh_database_url) == []
 
 
 async def test_frozen_broker_loses_nothing(

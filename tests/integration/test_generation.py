@@ -19,6 +19,7 @@ from tests.integration.stack import (
     aggregates,
     fetch,
     finished_count,
+    reconcile,
     running_stack,
     settings_for,
     wait_for,
@@ -79,6 +80,9 @@ async def test_generation_requests_end_to_end(
                               "workflow_transitions WHERE workflow_id = $1",
                               done[0]["workflow_id"])
     assert transitions[0]["s"] == ["received", "generating", "stamping", "completed"]
+    gens = await fetch(fresh_database_url, "SELECT seed, width, height, model FROM generations")
+    assert sorted((g["seed"], g["model"]) for g in gens)[0] == (7, "tiny") and len(gens) == 3
+    assert await reconcile(fresh_database_url) == []
     stamps = await fetch(fresh_database_url, "SELECT hash, source, size FROM stamps")
     for stamp in stamps:
         path = Path(urlsplit(stamp["source"]).path)

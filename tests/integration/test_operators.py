@@ -127,14 +127,15 @@ def test_two_concurrent_migrate_commands_apply_each_migration_once(
     assert [p.returncode for p in procs] == [0, 0], outputs
     applied = sorted(out.strip() for out, _ in outputs)
     assert applied[0] == "applied 0 migration(s)", applied  # the second waited, then found none
-    assert applied[1].startswith("applied 1 migration(s)"), applied
+    assert applied[1].startswith("applied 2 migration(s)"), applied
 
     async def applied_rows() -> list[tuple[int, int]]:
         conn = await asyncpg.connect(fresh_database_url)
         try:
-            rows = await conn.fetch("SELECT version, count(*) FROM schema_migrations GROUP BY 1")
+            rows = await conn.fetch(
+                "SELECT version, count(*) FROM schema_migrations GROUP BY 1 ORDER BY 1")
         finally:
             await conn.close()
         return [(r[0], r[1]) for r in rows]
 
-    assert asyncio.run(applied_rows()) == [(1, 1)]
+    assert asyncio.run(applied_rows()) == [(1, 1), (2, 1)]

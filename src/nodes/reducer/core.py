@@ -57,6 +57,27 @@ class StampRow:
 
 
 @dataclass(frozen=True, slots=True)
+class GenerationRow:
+    workflow_id: UUID
+    namespace: str
+    artifact_uri: str
+    hash: str
+    size: int
+    seed: int
+    width: int
+    height: int
+    steps: int
+    model: str
+    device: str
+    batch_size: int
+    compute_seconds: float
+    prompt_tokens: int
+    truncated_tokens: int
+    negative_prompt_ignored: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class TransitionRow:
     workflow_id: UUID
     seq: int
@@ -112,6 +133,7 @@ class ReducerState:
 class Writes:
     workflows: dict[UUID, WorkflowRow] = field(default_factory=dict)  # final row per workflow
     stamps: list[StampRow] = field(default_factory=list)
+    generations: list[GenerationRow] = field(default_factory=list)
     transitions: list[TransitionRow] = field(default_factory=list)
     anomalies: list[AnomalyRow] = field(default_factory=list)
     aggregates: dict[str, AggregateDelta] = field(default_factory=dict)
@@ -127,9 +149,6 @@ class Writes:
     def count_state(self, namespace: str, kind: str, state: str, change: int) -> None:
         key = (namespace, kind, state)
         self.state_counts[key] = self.state_counts.get(key, 0) + change
-
-    def is_empty(self) -> bool:
-        return not (self.workflows or self.stamps or self.transitions or self.anomalies)
 
 
 def reduce(
@@ -263,11 +282,20 @@ class _Reduction:
                           "generation.completed for a workflow that was never created")
             return
         delta = self.writes.delta(ns)
+        # A batched pipeline call reports the whole call's time on each item: count its share.
+        seconds = event.timings_ms.get("inference", 0.0) / 1000.0 / max(1, event.batch_size)
         delta.generations += 1
         delta.total_pixels += event.width * event.height
-        # A batched pipeline call reports the whole call's time on each item: count its share.
-        delta.compute_seconds += (
-            event.timings_ms.get("inference", 0.0) / 1000.0 / max(1, event.batch_size))
+        delta.compute_seconds += seconds
+        self.writes.generations.append(GenerationRow(
+            workflow_id=event.workflow_id, namespace=ns, artifact_uri=event.artifact_uri,
+            hash=event.hash, size=event.size, seed=event.seed, width=event.width,
+            height=event.height, steps=event.num_inference_steps, model=event.model,
+            device=event.device, batch_size=event.batch_size, compute_seconds=seconds,
+            prompt_tokens=event.prompt_tokens, truncated_tokens=event.truncated_tokens,
+            negative_prompt_ignored=event.negative_prompt_ignored,
+            created_at=envelope.occurred_at,
+        ))
         key = (ns, event.hash)
         if key not in self.known:
             self.known.add(key)

@@ -131,6 +131,26 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
             [r.hash for r in w], [r.error_code for r in w], [r.reason for r in w],
             [r.duration_ms for r in w],
         )
+    if writes.generations:
+        g = writes.generations
+        await conn.execute(
+            """
+            INSERT INTO generations (workflow_id, namespace, artifact_uri, hash, size, seed,
+                width, height, steps, model, device, batch_size, compute_seconds,
+                prompt_tokens, truncated_tokens, negative_prompt_ignored, created_at)
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                 $6::bigint[], $7::int[], $8::int[], $9::int[], $10::text[],
+                                 $11::text[], $12::int[], $13::float8[], $14::int[],
+                                 $15::int[], $16::bool[], $17::timestamptz[])
+            ON CONFLICT (workflow_id) DO NOTHING
+            """,
+            [r.workflow_id for r in g], [r.namespace for r in g], [r.artifact_uri for r in g],
+            [r.hash for r in g], [r.size for r in g], [r.seed for r in g], [r.width for r in g],
+            [r.height for r in g], [r.steps for r in g], [r.model for r in g],
+            [r.device for r in g], [r.batch_size for r in g], [r.compute_seconds for r in g],
+            [r.prompt_tokens for r in g], [r.truncated_tokens for r in g],
+            [r.negative_prompt_ignored for r in g], [r.created_at for r in g],
+        )
     if writes.transitions:
         t = writes.transitions
         await conn.execute(
