@@ -43,6 +43,11 @@ models_app = typer.Typer(help="Diffusers models for the inference effect node.",
                          no_args_is_help=True)
 app.add_typer(roles_app, name="roles")
 app.add_typer(models_app, name="models")
+dlq_app = typer.Typer(help="Dead-letter topics: inspect and re-drive poison messages.",
+                      no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+TopicOpt = Annotated[str, typer.Option("--topic", "-t",
+                                       help="requests or events (the logical topic).")]
 
 # Wide enough for the tables when the output goes to a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -373,6 +378,52 @@ def check_cmd(namespace: Annotated[str | None, typer.Option("--namespace", "-n")
     if differences:
         raise typer.Exit(1)
     out.print("consistent: stored aggregates equal those recomputed from the base rows")
+
+
+@dlq_app.command("list")
+def dlq_list(topic: TopicOpt = "requests",
+             limit: Annotated[int, typer.Option(min=1)] = 100) -> None:
+    """Show the records of <topic>.dlq: where each came from, why, and its first bytes."""
+    from stampflow.dlq import read_dead_letters
+
+    s = settings()
+    letters = run(read_dead_letters(endpoints_for(s).bootstrap_servers, _topic(s, topic),
+                                    limit=limit))
+    table = Table("dlq offset", "from", "failed at", "node", "error", "value")
+    for d in letters:
+        table.add_row(f"{d.dlq_partition}:{d.dlq_offset}", f"{d.topic}[{d.partition}]@{d.offset}",
+                      d.failed_at[:19], d.node, d.error[:60], repr(d.value[:40]))
+    out.print(table)
+    out.print(f"{len(letters)} dead letter(s)")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    topic: TopicOpt = "requests",
+    offset: Annotated[list[str] | None, typer.Option(
+        help="PARTITION:OFFSET of a dead letter (repeatable); default: all.")] = None,
+) -> None:
+    """Publish dead letters' original bytes to their original topic again (after a fix)."""
+    from stampflow.dlq import read_dead_letters, replay
+
+    s = settings()
+    bootstrap = endpoints_for(s).bootstrap_servers
+    letters = run(read_dead_letters(bootstrap, _topic(s, topic)))
+    if offset:
+        wanted = set(offset)
+        letters = [d for d in letters if f"{d.dlq_partition}:{d.dlq_offset}" in wanted]
+        found = {f"{d.dlq_partition}:{d.dlq_offset}" for d in letters}
+        if wanted - found:
+            raise StampflowError(f"{', '.join(sorted(wanted - found))}: no such dead letter in "
+                                 f"{_topic(s, topic)}.dlq")
+    sent = run(replay(bootstrap, letters))
+    out.print(f"replayed {sent} dead letter(s) to {_topic(s, topic)}")
+
+
+def _topic(s: Settings, logical: str) -> str:
+    if logical not in ("requests", "events"):
+        raise StampflowError(f"{logical}: not a topic; choose requests or events")
+    return s.topic(logical)
 
 
 @app.command("workflows")

@@ -139,3 +139,38 @@ def test_two_concurrent_migrate_commands_apply_each_migration_once(
         return [(r[0], r[1]) for r in rows]
 
     assert asyncio.run(applied_rows()) == [(1, 1), (2, 1)]
+
+
+async def test_dlq_list_and_replay_through_the_cli(
+    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    endpoints = services.endpoints.with_database(fresh_database_url)
+    settings = settings_for(endpoints, topic_prefix, tmp_path)
+    poison = b"\xff not even utf-8"
+    async with running_stack(settings, endpoints) as stack:
+        await stack.client.publish_raw(poison, b"ns")
+        await stack.client.submit_stamp("ns", content=b"fine")
+        await wait_for(lambda: _at_least(fresh_database_url, 1), 60, "the valid workflow")
+        env = {"database_url": fresh_database_url, "bootstrap": endpoints.bootstrap_servers,
+               "topic_prefix": topic_prefix}
+        listed = await asyncio.to_thread(cli, "dlq", "list", **env)  # type: ignore[arg-type]
+        assert listed.returncode == 0, listed.stderr
+        assert "1 dead letter(s)" in listed.stdout
+        assert f"{settings.requests_topic}[" in listed.stdout
+        replayed = await asyncio.to_thread(cli, "dlq", "replay", **env)  # type: ignore[arg-type]
+        assert replayed.returncode == 0, replayed.stderr
+        assert "replayed 1 dead letter(s)" in replayed.stdout
+        # Still poison: the orchestrator dead-letters the replayed copy too.
+        from stampflow.dlq import read_dead_letters
+
+        async def two() -> bool:
+            return len(await read_dead_letters(endpoints.bootstrap_servers,
+                                               settings.requests_topic, idle_s=0.5)) == 2
+
+        await wait_for(two, 30, "the replayed copy to be dead-lettered again")
+        letters = await read_dead_letters(endpoints.bootstrap_servers, settings.requests_topic)
+        assert [d.value for d in letters] == [poison, poison]
+        assert letters[0].offset != letters[1].offset  # the copy came from a new offset
+        missing = await asyncio.to_thread(cli, "dlq", "replay", "--offset", "9:999",  # type: ignore[arg-type]
+                                          **env)
+        assert missing.returncode == 1 and "no such dead letter" in missing.stderr
