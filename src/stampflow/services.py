@@ -288,29 +288,16 @@ def _open_tree(root: Path) -> None:
                 path.chmod(want)
 
 
-class EmbeddedPostgres:
-    """A PostgreSQL server on 127.0.0.1 with trust authentication and its data in ``data_dir``.
+class _ServerProcess:
+    """A server we started as a child process on 127.0.0.1: its PID and its fault controls."""
 
-    ``fast=True`` turns fsync and full_page_writes off, for tests: safe when the server's
-    processes are killed (the tests do that), not when the machine crashes. It leaves
-    synchronous_commit on: off, a killed server loses commits it had acknowledged, and the
-    exactly-once tests would then fail for a reason that is not the code's.
-    The port, picked once when 0, survives restarts, and so does the data.
-    """
+    name = "server"
+    stop_signal = signal.SIGINT  # both servers shut down at once on SIGINT
 
-    def __init__(self, data_dir: Path, port: int = 0, *, fast: bool = False,
-                 log: Path | None = None, max_connections: int = 200) -> None:
-        self.data_dir = data_dir.resolve()
+    def __init__(self, port: int) -> None:
         self._auto_port = port == 0
         self.port = port or free_port()
-        self.fast = fast
-        self.max_connections = max_connections
-        self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
-        self._user: str | None = None
-
-    def __repr__(self) -> str:
-        return f"EmbeddedPostgres(127.0.0.1:{self.port}, data_dir={str(self.data_dir)!r})"
 
     @property
     def address(self) -> str:
@@ -322,10 +309,70 @@ class EmbeddedPostgres:
 
     @property
     def pid(self) -> int:
-        """The postmaster's PID (its backends are its children)."""
         if self._proc is None:
-            raise StampflowError(f"PostgreSQL at {self.address} is not running: call start()")
+            raise StampflowError(f"{self.name} at {self.address} is not running: call start()")
         return self._proc.pid
+
+    def start(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Shut down now (``stop_signal``); SIGKILL after ``timeout``."""
+        self._end(self.stop_signal, timeout)
+
+    def kill(self) -> None:
+        """Crash it: SIGKILL the process alone; returns once its children have exited."""
+        self._end(signal.SIGKILL, 0)
+
+    def _end(self, first: signal.Signals, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            _end(proc.pid, first, timeout)
+            proc.wait()
+
+    def detach(self) -> None:
+        """Leave the server running past this object (``stop_from_state`` ends it)."""
+        holder = [self._proc] if self._proc is not None else []
+        self._proc = None
+        _forget(holder)
+
+    def freeze(self) -> None:
+        """SIGSTOP the server and its children: connections stay open, nothing answers."""
+        _signal([self.pid, *_children(self.pid)], signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        _signal([self.pid, *_children(self.pid)], signal.SIGCONT)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Stop and start again on the same port."""
+        self.stop()
+        self.start(timeout)
+
+
+class EmbeddedPostgres(_ServerProcess):
+    """A PostgreSQL server on 127.0.0.1 with trust authentication and its data in ``data_dir``.
+
+    ``fast=True`` turns fsync and full_page_writes off, for tests: safe when the server's
+    processes are killed (the tests do that), not when the machine crashes. It leaves
+    synchronous_commit on: off, a killed server loses commits it had acknowledged, and the
+    exactly-once tests would then fail for a reason that is not the code's.
+    The port, picked once when 0, survives restarts, and so does the data. SIGINT is its fast
+    shutdown; kill() crashes the postmaster alone, as an OOM killer would.
+    """
+
+    name = "PostgreSQL"
+
+    def __init__(self, data_dir: Path, port: int = 0, *, fast: bool = False,
+                 log: Path | None = None, max_connections: int = 200) -> None:
+        super().__init__(port)
+        self.data_dir = data_dir.resolve()
+        self.fast = fast
+        self.max_connections = max_connections
+        self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
+        self._user: str | None = None
+
+    def __repr__(self) -> str:
+        return f"EmbeddedPostgres(127.0.0.1:{self.port}, data_dir={str(self.data_dir)!r})"
 
     def url(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
@@ -403,39 +450,6 @@ class EmbeddedPostgres:
         return (len(lines) >= 8 and lines[0].strip() == str(pid)
                 and lines[7].strip() == "ready" and _port_accepts(self.port))
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Fast shutdown (SIGINT: sessions end, data is kept); SIGKILL after ``timeout``."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            _end(proc.pid, signal.SIGINT, timeout)
-            proc.wait()
-
-    def kill(self) -> None:
-        """Crash the server: SIGKILL the postmaster alone, as an OOM killer would. Returns once
-        its backends have noticed and exited, so that start() can recover the data."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            _end(proc.pid, signal.SIGKILL, 0)
-            proc.wait()
-
-    def detach(self) -> None:
-        """Leave the server running past this object (``stop_from_state`` ends it)."""
-        holder = [self._proc] if self._proc is not None else []
-        self._proc = None
-        _forget(holder)
-
-    def freeze(self) -> None:
-        """SIGSTOP the server and its backends: connections hang, nothing is refused."""
-        _signal([self.pid, *_children(self.pid)], signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        _signal([self.pid, *_children(self.pid)], signal.SIGCONT)
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """Stop and start again on the same port and data directory."""
-        self.stop()
-        self.start(timeout)
-
     def create_database(self, name: str) -> str:
         """Create database ``name`` (if missing) and return its URL."""
         _run_async(lambda: create_database(self.url(), name))
@@ -479,19 +493,20 @@ def tansu_binary() -> Path:
     return path
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(_ServerProcess):
     """The Tansu Kafka-protocol broker on 127.0.0.1. Data lives in memory: a restart empties it.
+    It stops on SIGINT at once (on SIGTERM it waits for clients to hang up).
 
     Tansu lacks idempotent producers, transactions, a correct ListOffsets "latest",
     create_partitions, alter_configs and delete_records; see stampflow.bus.
     """
 
+    name = "the Kafka broker"
+
     def __init__(self, log: Path, port: int = 0, *, cluster_id: str | None = None) -> None:
-        self._auto_port = port == 0
-        self.port = port or free_port()
+        super().__init__(port)
         self.log = log
         self.cluster_id = cluster_id or f"stampflow-{uuid.uuid4().hex[:8]}"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"EmbeddedBroker({self.bootstrap_servers})"
@@ -499,17 +514,6 @@ class EmbeddedBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise StampflowError(f"the Kafka broker at {self.bootstrap_servers} is not running: "
-                                 "call start()")
-        return self._proc.pid
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the broker and wait until it answers a metadata request."""
@@ -552,38 +556,6 @@ class EmbeddedBroker:
             self._proc = None
             raise StampflowError(f"{what} exited at start-up with code {proc.returncode}: "
                                  f"{_tail(self.log)}")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop at once (SIGINT; SIGTERM would wait for clients to hang up). Data is lost."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            _end(proc.pid, signal.SIGINT, timeout)
-            proc.wait()
-
-    def kill(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            _end(proc.pid, signal.SIGKILL, 0)
-            proc.wait()
-
-    def detach(self) -> None:
-        """Leave the broker running past this object (``stop_from_state`` ends it)."""
-        holder = [self._proc] if self._proc is not None else []
-        self._proc = None
-        _forget(holder)
-
-    def restart(self, timeout: float = 15.0) -> None:
-        """Stop and start on the same port. Topics, messages and offsets are gone."""
-        self.stop()
-        self.start(timeout)
-
-    def freeze(self) -> None:
-        """SIGSTOP the broker: connections stay open but nothing answers."""
-        _signal([self.pid], signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        _signal([self.pid], signal.SIGCONT)
-
 
 # --- both -------------------------------------------------------------------------------------
 
