@@ -250,36 +250,43 @@ class _Reduction:
             reason=event.reason, event_id=envelope.event_id, occurred_at=envelope.occurred_at,
         ))
 
-    def _stamp_created(self, envelope: Envelope, event: StampCreated) -> None:
-        ns = envelope.namespace
-        row = self.rows.get(event.workflow_id)
+    def _workflow(self, envelope: Envelope, workflow_id: UUID) -> WorkflowRow | None:
+        """The workflow an event belongs to; an anomaly (and None) when it was never created."""
+        row = self.rows.get(workflow_id)
         if row is None:
-            self._anomaly(envelope, event.workflow_id, "unknown_workflow",
-                          "stamp.created for a workflow that was never created")
-            return
-        key = (ns, event.hash)
-        delta = self.writes.delta(ns)
+            self._anomaly(envelope, workflow_id, "unknown_workflow",
+                          f"{envelope.event_type} for a workflow that was never created")
+        return row
+
+    def _new_stamp(self, stamp: StampRow) -> bool:
+        """Record content the namespace has not stamped before; False when it has."""
+        key = (stamp.namespace, stamp.hash)
         if key in self.known:
-            outcome = "duplicate"
-            delta.duplicates += 1
-        else:
-            outcome = "stamped"
-            self.known.add(key)
-            delta.stamps += 1
-            delta.total_bytes += event.size
-            self.writes.stamps.append(StampRow(
-                namespace=ns, hash=event.hash, algorithm=event.algorithm, size=event.size,
-                content_type=event.content_type, source=event.source,
-                first_workflow_id=event.workflow_id, stamped_at=event.stamped_at,
-            ))
-        self._update(replace(row, outcome=outcome, hash=event.hash))
+            return False
+        self.known.add(key)
+        delta = self.writes.delta(stamp.namespace)
+        delta.stamps += 1
+        delta.total_bytes += stamp.size
+        self.writes.stamps.append(stamp)
+        return True
+
+    def _stamp_created(self, envelope: Envelope, event: StampCreated) -> None:
+        row = self._workflow(envelope, event.workflow_id)
+        if row is None:
+            return
+        fresh = self._new_stamp(StampRow(
+            namespace=envelope.namespace, hash=event.hash, algorithm=event.algorithm,
+            size=event.size, content_type=event.content_type, source=event.source,
+            first_workflow_id=event.workflow_id, stamped_at=event.stamped_at,
+        ))
+        if not fresh:
+            self.writes.delta(envelope.namespace).duplicates += 1
+        self._update(replace(row, outcome="stamped" if fresh else "duplicate", hash=event.hash))
 
     def _generation_completed(self, envelope: Envelope, event: GenerationCompleted) -> None:
         ns = envelope.namespace
-        row = self.rows.get(event.workflow_id)
+        row = self._workflow(envelope, event.workflow_id)
         if row is None:
-            self._anomaly(envelope, event.workflow_id, "unknown_workflow",
-                          "generation.completed for a workflow that was never created")
             return
         delta = self.writes.delta(ns)
         # A batched pipeline call reports the whole call's time on each item: count its share.
@@ -296,16 +303,11 @@ class _Reduction:
             negative_prompt_ignored=event.negative_prompt_ignored,
             created_at=envelope.occurred_at,
         ))
-        key = (ns, event.hash)
-        if key not in self.known:
-            self.known.add(key)
-            delta.stamps += 1
-            delta.total_bytes += event.size
-            self.writes.stamps.append(StampRow(
-                namespace=ns, hash=event.hash, algorithm="blake3", size=event.size,
-                content_type="image/png", source=event.artifact_uri,
-                first_workflow_id=event.workflow_id, stamped_at=envelope.occurred_at,
-            ))
+        self._new_stamp(StampRow(
+            namespace=ns, hash=event.hash, algorithm="blake3", size=event.size,
+            content_type="image/png", source=event.artifact_uri,
+            first_workflow_id=event.workflow_id, stamped_at=envelope.occurred_at,
+        ))
         self._update(replace(row, outcome="generated", hash=event.hash))
 
     def _finished(
@@ -317,13 +319,10 @@ class _Reduction:
         reason: str | None,
         duration_ms: float | None,
     ) -> None:
-        ns = envelope.namespace
-        row = self.rows.get(workflow_id)
+        row = self._workflow(envelope, workflow_id)
         if row is None:
-            self._anomaly(envelope, workflow_id, "unknown_workflow",
-                          f"workflow.{terminal} for a workflow that was never created")
             return
-        delta = self.writes.delta(ns)
+        delta = self.writes.delta(envelope.namespace)
         if terminal == "completed":
             delta.completed += 1
             self._update(replace(row, duration_ms=duration_ms))
