@@ -123,7 +123,8 @@ async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 3
 class NodeProcess:
     """`stampflow run NODE` as a subprocess, for kill -9 and SIGTERM tests."""
 
-    def __init__(self, node: str, settings: Settings, log_path: Path) -> None:
+    def __init__(self, node: str, settings: Settings, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.node = node
         self.log_path = log_path
         env = dict(os.environ)
@@ -136,6 +137,7 @@ class NodeProcess:
             "STAMPFLOW_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
             "STAMPFLOW_CONTENT_ROOT": str(settings.content_root),
             "STAMPFLOW_LOG_LEVEL": "INFO",
+            **(extra_env or {}),
         })
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(

@@ -1,0 +1,604 @@
+"""A seeded fault campaign over the real services: many mixed requests, node processes killed
+with SIGKILL at random moments, the broker frozen, PostgreSQL restarted, a second node joining
+a consumer group — then every result checked against ground truth computed from the requests.
+
+The CI-sized run is tests/integration/test_fault_suite.py. The long run is a command:
+
+    ./dev sh python -m tests.integration.campaign --requests 100000 --kills 30
+
+which starts its own embedded services and writes bench/results/faults-<N>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+from uuid import UUID
+
+import asyncpg
+from blake3 import blake3
+
+from contracts.events import GenerationRequested, derive_id
+from contracts.nodes import BUILTIN_NODES
+from nodes.deadletter import parse_dead_letter
+from stampflow.app import prepare
+from stampflow.client import Client
+from stampflow.services import Endpoints
+from tests.integration.stack import NodeProcess, read_topic, settings_for
+
+MAX_CONTENT = 64 * 1024  # the campaign's STAMPFLOW_MAX_CONTENT_BYTES: too_large is cheap to hit
+GEN_SIDE = 64
+
+
+class Server(Protocol):
+    """What the campaign does to a service (embedded processes and containers both offer it)."""
+
+    def freeze(self) -> None: ...
+    def thaw(self) -> None: ...
+    def restart(self, timeout: float = 30.0) -> None: ...
+
+
+@dataclass(frozen=True)
+class Config:
+    requests: int = 10_000
+    seed: int = 7
+    namespaces: int = 8
+    kills: int = 10  # SIGKILLs of orchestrators and reducers, at random moments
+    freeze_s: float = 10.0  # the broker SIGSTOPped this long, once
+    postgres_restarts: int = 1
+    second_orchestrator: bool = True  # a second member joins the orchestrators' group
+    rate: float = 400.0  # requests published per second
+    generation_share: float = 0.005  # of requests; 0 leaves torch out of the run
+    drain_timeout_s: float = 600.0
+
+
+# --- the requests and their ground truth ------------------------------------------------------
+
+@dataclass
+class Request:
+    kind: str  # inline | file | escape | missing | too_large | invalid | garbage | generate | replay
+    namespace: str
+    event_id: UUID
+    content: bytes | None = None
+    path: str | None = None
+    raw: bytes | None = None  # garbage and invalid: published as they are
+    generation: GenerationRequested | None = None
+    # Expected result: None for garbage (dead-lettered) and replays (no workflow of their own)
+    expect_state: str | None = None
+    expect_code: str | None = None
+    expect_hash: str | None = None
+    expect_size: int = 0
+
+
+@dataclass
+class Plan:
+    requests: list[Request]
+    files: dict[str, bytes]  # content-root-relative path -> bytes
+
+    @property
+    def workflows(self) -> list[Request]:
+        return [r for r in self.requests if r.expect_state is not None]
+
+
+def make_plan(cfg: Config) -> Plan:
+    rng = random.Random(cfg.seed)
+    namespaces = [f"ns{i}" for i in range(cfg.namespaces)]
+    blobs = [rng.randbytes(rng.choice((1, 64, 700, 4096, 20_000))) for _ in range(400)]
+    files = {f"f/{i:03d}.bin": (rng.choice(blobs) if i % 5 == 0  # same bytes as some inline
+                                else rng.randbytes(rng.choice((10, 3000, 50_000))))
+             for i in range(150)}
+
+    def uid() -> UUID:
+        return UUID(int=rng.getrandbits(128), version=4)
+
+    kinds = ["inline", "file", "escape", "missing", "too_large", "invalid", "garbage",
+             "generate", "replay"]
+    weights = [0.6, 0.27, 0.015, 0.015, 0.015, 0.015, 0.01, cfg.generation_share, 0.01]
+    out: list[Request] = []
+    for _ in range(cfg.requests):
+        kind = rng.choices(kinds, weights)[0]
+        ns = rng.choice(namespaces)
+        r = Request(kind=kind, namespace=ns, event_id=uid())
+        if kind == "inline":
+            r.content = rng.choice(blobs)
+            r.expect_state, r.expect_hash = "completed", blake3(r.content).hexdigest()
+            r.expect_size = len(r.content)
+        elif kind == "file":
+            r.path = rng.choice(sorted(files))
+            data = files[r.path]
+            r.expect_state, r.expect_hash, r.expect_size = ("completed", blake3(data).hexdigest(),
+                                                            len(data))
+        elif kind == "escape":
+            r.path = rng.choice(["../outside.txt", "escape-link", "f/../../outside.txt"])
+            r.expect_state, r.expect_code = "failed", "outside_root"
+        elif kind == "missing":
+            r.path = f"f/missing-{rng.getrandbits(32)}.bin"
+            r.expect_state, r.expect_code = "failed", "not_found"
+        elif kind == "too_large":
+            r.content = rng.randbytes(MAX_CONTENT + rng.randint(1, 4096))
+            r.expect_state, r.expect_code = "failed", "too_large"
+        elif kind == "invalid":  # readable, but the payload breaks the contract
+            r.raw = json.dumps({
+                "event_id": str(r.event_id), "event_type": "generation.requested",
+                "namespace": ns, "correlation_id": str(r.event_id),
+                "occurred_at": "2026-01-01T00:00:00Z", "source": "campaign",
+                "payload": {"type": "generation.requested", "prompt": "p",
+                            "width": rng.choice([17, 500, 100_000])}}).encode()
+            r.expect_state, r.expect_code = "failed", "invalid_request"
+        elif kind == "garbage":  # not even UTF-8: the dead-letter topic's
+            r.raw = b"\xff" + rng.randbytes(rng.randint(0, 300))
+        elif kind == "generate":
+            # Each its own (prompt, seed): the same pair run alone and inside a batch can differ
+            # in a pixel's last bit (CPU kernels round differently by batch size), so two
+            # requests for one image are not promised one PNG.
+            seed = rng.getrandbits(62)
+            r.generation = GenerationRequested(prompt=f"campaign {seed}", seed=seed,
+                                               width=GEN_SIDE,
+                                               height=GEN_SIDE, num_inference_steps=1,
+                                               model="tiny")
+            r.expect_state = "completed"
+        elif kind == "replay":  # an earlier request published again: it must count once
+            earlier = [e for e in out if e.kind in ("inline", "file")]
+            if not earlier:
+                r.kind, r.content = "inline", rng.choice(blobs)
+                r.expect_state, r.expect_hash = "completed", blake3(r.content).hexdigest()
+                r.expect_size = len(r.content)
+            else:
+                src = rng.choice(earlier)
+                r.namespace, r.event_id, r.content, r.path = (src.namespace, src.event_id,
+                                                              src.content, src.path)
+        out.append(r)
+    return Plan(out, files)
+
+
+@dataclass
+class Truth:
+    workflows: int = 0
+    completed: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    stamps: int = 0
+    total_bytes: int = 0
+    generations: int = 0
+    total_pixels: int = 0
+    anomalies: int = 0
+
+
+def ground_truth(plan: Plan) -> dict[str, Truth]:
+    """Aggregates per namespace from the requests alone. Generated images are counted by their
+    distinct (prompt, seed): the checks confirm from the artifacts that this holds."""
+    truth: dict[str, Truth] = defaultdict(Truth)
+    hashes: dict[str, set[str]] = defaultdict(set)
+    images: dict[str, set[tuple[str, int | None]]] = defaultdict(set)
+    for r in plan.workflows:
+        t = truth[r.namespace]
+        t.workflows += 1
+        if r.expect_state == "failed":
+            t.failed += 1
+            continue
+        t.completed += 1
+        if r.generation is not None:
+            t.generations += 1
+            t.total_pixels += r.generation.width * r.generation.height
+            images[r.namespace].add((r.generation.prompt, r.generation.seed))
+            continue
+        assert r.expect_hash is not None
+        if r.expect_hash in hashes[r.namespace]:
+            t.duplicates += 1
+        else:
+            hashes[r.namespace].add(r.expect_hash)
+            t.stamps += 1
+            t.total_bytes += r.expect_size
+    for ns, pairs in images.items():
+        truth[ns].stamps += len(pairs)  # their bytes are read from the artifacts in the checks
+    return dict(truth)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+@dataclass
+class Fault:
+    at_s: float
+    what: str
+
+
+@dataclass
+class Report:
+    config: dict[str, Any]
+    requests_by_kind: dict[str, int]
+    workflows_expected: int
+    faults: list[Fault] = field(default_factory=list)
+    submit_s: float = 0.0
+    drain_s: float = 0.0
+    total_s: float = 0.0
+    dead_letters: int = 0
+    failures: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kills(self) -> int:
+        return sum(f.what.startswith("kill -9") for f in self.faults)
+
+
+class Nodes:
+    """The node processes of the run; a killed node is replaced at once by a fresh process."""
+
+    def __init__(self, settings: Any, logs: Path, env: dict[str, str]) -> None:
+        self.settings, self.logs, self.env = settings, logs, env
+        self.running: dict[str, list[NodeProcess]] = {"orchestrator": [], "reducer": []}
+        self.started = Counter[str]()
+
+    def start(self, node: str) -> NodeProcess:
+        self.started[node] += 1
+        proc = NodeProcess(node, self.settings, self.logs / f"{node}-{self.started[node]}.log",
+                           extra_env=self.env)
+        self.running[node].append(proc)
+        return proc
+
+    def kill(self, node: str, rng: random.Random) -> None:
+        victim = rng.choice(self.running[node])
+        self.running[node].remove(victim)
+        victim.kill()
+        self.start(node)
+
+    def terminate_all(self) -> dict[str, int]:
+        codes = {}
+        for node, procs in self.running.items():
+            for i, proc in enumerate(procs):
+                code, _ = proc.terminate(60)
+                codes[f"{node}[{i}]"] = code
+        return codes
+
+    def kill_all(self) -> None:
+        for procs in self.running.values():
+            for proc in procs:
+                proc.kill()
+
+
+async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, broker: Server,
+                       workdir: Path, *, tiny_model: Path | None = None,
+                       topic_prefix: str = "campaign") -> Report:
+    """Run the campaign against a database that holds nothing yet; return what was seen."""
+    plan = make_plan(cfg)
+    kinds = Counter(r.kind for r in plan.requests)
+    report = Report(config=asdict(cfg), requests_by_kind=dict(kinds),
+                    workflows_expected=len(plan.workflows))
+    content = workdir / "content"
+    for rel, data in plan.files.items():
+        (content / rel).parent.mkdir(parents=True, exist_ok=True)
+        (content / rel).write_bytes(data)
+    (workdir / "outside.txt").write_text("not for stamping")
+    (content / "escape-link").symlink_to(workdir / "outside.txt")
+    env = {"STAMPFLOW_MAX_CONTENT_BYTES": str(MAX_CONTENT)}
+    overrides: dict[str, Any] = {"max_content_bytes": MAX_CONTENT}
+    if kinds["generate"]:
+        if tiny_model is None:
+            raise ValueError("generation requests need tiny_model")
+        models = {"tiny": str(tiny_model)}
+        env["STAMPFLOW_MODELS"] = json.dumps(models)
+        env["STAMPFLOW_ARTIFACT_ROOT"] = str(workdir / "artifacts")
+        # A restarted orchestrator loads torch and the model on its first generation; on two
+        # busy cores that can pass the contract's 30 s, and a timeout is not what is tested.
+        env["STAMPFLOW_CONTRACTS_DIR"] = str(_contracts_with_inference_timeout(workdir, 180_000))
+        overrides.update(models=models, artifact_root=workdir / "artifacts")
+    settings = settings_for(endpoints, topic_prefix, content, **overrides)
+    await prepare(settings, endpoints)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    nodes = Nodes(settings, logs, env)
+    nodes.start("orchestrator")
+    nodes.start("reducer")
+    rng = random.Random(cfg.seed + 1)
+    t0 = time.monotonic()
+    try:
+        await asyncio.sleep(3)  # the first members join their groups
+        submitted = asyncio.create_task(_submit(plan, settings, endpoints, cfg.rate))
+        await _inject_faults(cfg, rng, nodes, postgres, broker, report, t0)
+        await submitted
+        report.submit_s = submitted.result()
+        drain_start = time.monotonic()
+        await _wait_terminal(endpoints.database_url, len(plan.workflows), cfg.drain_timeout_s,
+                             logs)
+        report.drain_s = time.monotonic() - drain_start
+        report.peak_rss_mb = nodes_peak_rss(nodes)
+        report.exit_codes = nodes.terminate_all()
+    finally:
+        nodes.kill_all()
+    report.total_s = time.monotonic() - t0
+    report.failures += [f"{name} exited {code} on SIGTERM"
+                        for name, code in report.exit_codes.items() if code != 0]
+    await _check(plan, settings, endpoints, report, kinds["garbage"])
+    return report
+
+
+def _contracts_with_inference_timeout(workdir: Path, timeout_ms: int) -> Path:
+    from importlib import resources
+
+    import yaml
+
+    out = workdir / "contracts"
+    out.mkdir(exist_ok=True)
+    for name in BUILTIN_NODES:
+        ref = resources.files("contracts") / "specs" / f"{name}.yaml"
+        (out / f"{name}.yaml").write_text(ref.read_text(encoding="utf-8"))
+    spec = out / "inference.yaml"
+    doc = yaml.safe_load(spec.read_text())
+    doc["io_policy"]["timeout_ms"] = timeout_ms
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+async def _submit(plan: Plan, settings: Any, endpoints: Endpoints, rate: float) -> float:
+    """Publish every request at about ``rate`` per second; return how long it took."""
+    t0 = time.monotonic()
+    async with Client(settings, endpoints, source="campaign") as client:
+        for i, r in enumerate(plan.requests):
+            if r.raw is not None:
+                await client.publish_raw(r.raw, r.namespace.encode())
+            elif r.generation is not None:
+                await client.submit_generation(r.namespace, r.generation, event_id=r.event_id)
+            else:
+                await client.submit_stamp(r.namespace, content=r.content, path=r.path,
+                                          event_id=r.event_id, wait=False)
+            ahead = (i + 1) / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await client.flush()
+    return time.monotonic() - t0
+
+
+async def _inject_faults(cfg: Config, rng: random.Random, nodes: Nodes, postgres: Server,
+                         broker: Server, report: Report, t0: float) -> None:
+    """The faults, in a seeded random order, a random 0.3-2.5 s apart, while traffic flows."""
+    plan = ["kill -9"] * cfg.kills + ["freeze broker"] + ["restart postgres"] * \
+        cfg.postgres_restarts + (["second orchestrator"] if cfg.second_orchestrator else [])
+    rng.shuffle(plan)
+    span = cfg.requests / cfg.rate  # spread them over the submission
+    gap_hi = max(0.6, min(2.5, span / max(1, len(plan)) * 1.5))
+    for what in plan:
+        await asyncio.sleep(rng.uniform(0.3, gap_hi))
+        at = time.monotonic() - t0
+        if what == "kill -9":
+            node = rng.choice(["orchestrator", "reducer"])
+            await asyncio.to_thread(nodes.kill, node, rng)
+            what = f"kill -9 {node} ({len(nodes.running[node])} running)"
+        elif what == "freeze broker":
+            broker.freeze()
+            try:
+                await asyncio.sleep(cfg.freeze_s)
+            finally:
+                broker.thaw()
+            what = f"broker frozen {cfg.freeze_s:g}s"
+        elif what == "restart postgres":
+            await asyncio.to_thread(postgres.restart)
+        else:
+            nodes.start("orchestrator")
+        report.faults.append(Fault(round(at, 2), what))
+
+
+async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        try:
+            conn = await asyncpg.connect(url)
+            try:
+                done = await conn.fetchval("SELECT count(*) FROM workflows "
+                                           "WHERE state IN ('completed', 'failed')")
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            done = last
+        if done >= expected:
+            return
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
+                            for p in sorted(logs.glob("*.log")))
+            raise AssertionError(f"{done} of {expected} workflows terminal after {timeout}s;"
+                                 f" node logs in {logs}:{tails}")
+        last = done
+        await asyncio.sleep(0.5)
+
+
+def nodes_peak_rss(nodes: Nodes) -> dict[str, float]:
+    """VmHWM of the node processes running at the end, in MB."""
+    out: dict[str, float] = {}
+    for node, procs in nodes.running.items():
+        for i, proc in enumerate(procs):
+            try:
+                status = Path(f"/proc/{proc.proc.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    out[f"{node}[{i}]"] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
+# --- the checks -------------------------------------------------------------------------------
+
+async def _check(plan: Plan, settings: Any, endpoints: Endpoints, report: Report,
+                 garbage: int) -> None:
+    fail = report.failures.append
+    url = endpoints.database_url
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT workflow_id, namespace, state, seq, error_code, hash "
+                                "FROM workflows")
+        transitions = await conn.fetch(
+            "SELECT workflow_id, count(*) AS n, max(seq) AS top, "
+            "(array_agg(to_state ORDER BY seq DESC))[1] AS last, "
+            "(array_agg(to_state ORDER BY seq))[1] AS first FROM workflow_transitions "
+            "GROUP BY workflow_id")
+        stored = {r["namespace"]: dict(r) for r in await conn.fetch(
+            "SELECT * FROM namespace_summary")}
+        gens = await conn.fetch("SELECT g.namespace, g.hash, g.size, g.artifact_uri, "
+                                "w.request_id FROM generations g JOIN workflows w "
+                                "USING (workflow_id)")
+        processed = await conn.fetchval("SELECT count(*) FROM processed_events")
+        anomalies = await conn.fetch("SELECT kind, detail FROM anomalies LIMIT 5")
+    finally:
+        await conn.close()
+
+    # 1. Exactly the expected workflows, each in its expected terminal state.
+    expected = {derive_id(r.event_id, "workflow"): r for r in plan.workflows}
+    got = {r["workflow_id"]: r for r in rows}
+    missing, extra = expected.keys() - got.keys(), got.keys() - expected.keys()
+    if missing:
+        fail(f"{len(missing)} workflows lost, e.g. {sorted(map(str, missing))[:3]}")
+    if extra:
+        fail(f"{len(extra)} workflows nobody asked for, e.g. {sorted(map(str, extra))[:3]}")
+    wrong = [(str(wid), expected[wid].kind, row["state"], row["error_code"])
+             for wid, row in got.items() if wid in expected
+             and (row["state"], row["error_code"]) != (expected[wid].expect_state,
+                                                      expected[wid].expect_code)]
+    if wrong:
+        fail(f"{len(wrong)} workflows ended wrongly (id, kind, state, code), e.g. {wrong[:3]}")
+    bad_hash = [str(wid) for wid, row in got.items() if wid in expected
+                and expected[wid].expect_hash and row["hash"] != expected[wid].expect_hash]
+    if bad_hash:
+        fail(f"{len(bad_hash)} stamp workflows with a wrong hash, e.g. {bad_hash[:3]}")
+
+    # 2. Every transition recorded once: seq 1..n without gaps, from received to the end state.
+    by_wf = {t["workflow_id"]: t for t in transitions}
+    broken = [str(wid) for wid, row in got.items()
+              if (t := by_wf.get(wid)) is None or t["n"] != row["seq"] or t["top"] != row["seq"]
+              or t["first"] != "received" or t["last"] != row["state"]]
+    if broken:
+        fail(f"{len(broken)} workflows with a broken transition history, e.g. {broken[:3]}")
+    report.checks["transitions"] = sum(int(t["n"]) for t in transitions)
+    report.checks["processed_events"] = int(processed)
+
+    # 3. Generated images: one per request, all different; the bytes on disk match.
+    truth = ground_truth(plan)
+    by_request = {r.event_id: r for r in plan.workflows}
+    image_of: dict[tuple[str, str, int | None], set[str]] = defaultdict(set)
+    image_bytes: dict[str, dict[str, int]] = defaultdict(dict)
+    for g in gens:
+        req = by_request[g["request_id"]].generation
+        assert req is not None
+        image_of[(g["namespace"], req.prompt, req.seed)].add(g["hash"])
+        data = Path(urlsplit(g["artifact_uri"]).path).read_bytes()
+        if blake3(data).hexdigest() != g["hash"] or len(data) != g["size"]:
+            fail(f"artifact {g['artifact_uri']} does not match its stamp")
+        image_bytes[g["namespace"]][g["hash"]] = len(data)
+    if len({h for hs in image_of.values() for h in hs}) != len({(p, s) for _, p, s in image_of}):
+        fail("two (prompt, seed) pairs gave the same image: the ground truth cannot count them")
+    for ns, sizes in image_bytes.items():
+        truth[ns].total_bytes += sum(sizes.values())
+
+    # 4. Aggregates equal the ground truth, namespace by namespace.
+    for ns in sorted(truth.keys() | stored.keys()):
+        want, have = asdict(truth.get(ns, Truth())), stored.get(ns, {})
+        diff = {k: (v, have.get(k)) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            fail(f"namespace {ns}: (truth, stored) differ: {diff}")
+    if anomalies:
+        fail(f"anomalies recorded: {[dict(a) for a in anomalies]}")
+
+    # 5. Every unreadable record dead-lettered, and nothing else.
+    dlq = await read_topic(endpoints.bootstrap_servers, settings.dlq_topic(
+        settings.requests_topic), garbage, timeout=30)
+    originals = {(d["partition"], d["offset"]) for d in map(
+        lambda rec: parse_dead_letter(rec.value), dlq)}
+    report.dead_letters = len(originals)
+    if len(originals) != garbage:
+        fail(f"{len(originals)} distinct records dead-lettered, {garbage} unreadable published")
+
+    # 6. The operator's reconciliation, as an operator runs it.
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "stampflow", "check"],
+        env={**os.environ, "STAMPFLOW_SERVICES": "external", "STAMPFLOW_DATABASE_URL": url},
+        capture_output=True, text=True, timeout=120)
+    report.checks["stampflow_check_exit"] = proc.returncode
+    if proc.returncode != 0:
+        fail(f"stampflow check exited {proc.returncode}: {(proc.stdout + proc.stderr)[-800:]}")
+    report.checks["workflows"] = len(got)
+    report.checks["namespaces"] = len(stored)
+
+
+# --- the long run, as a command ---------------------------------------------------------------
+
+def write_results(report: Report, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"when": datetime.now(UTC).isoformat(timespec="seconds"),
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                       "python": platform.python_version()},
+           **asdict(report), "kills": report.kills, "passed": not report.failures}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    c = report.config
+    lines = [
+        f"# Fault campaign — {doc['when']}", "",
+        f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, Python "
+        f"{doc['machine']['python']}. Embedded PostgreSQL and Tansu; nodes as processes.", "",
+        f"Command: `./dev sh python -m tests.integration.campaign --requests {c['requests']} "
+        f"--kills {c['kills']} --seed {c['seed']}`", "",
+        "| measure | value |", "| --- | --- |",
+        f"| requests published | {c['requests']} |",
+        f"| by kind | {', '.join(f'{k} {v}' for k, v in sorted(report.requests_by_kind.items()))} |",
+        f"| workflows expected / recorded | {report.workflows_expected} / "
+        f"{report.checks.get('workflows')} |",
+        f"| transitions recorded | {report.checks.get('transitions')} |",
+        f"| unreadable records dead-lettered | {report.dead_letters} |",
+        f"| kill -9 | {report.kills} |",
+        f"| publish time / drain after publish / total | {report.submit_s:.0f} s / "
+        f"{report.drain_s:.0f} s / {report.total_s:.0f} s |",
+        f"| node peak RSS at the end (VmHWM) | {report.peak_rss_mb} |",
+        f"| SIGTERM exit codes | {report.exit_codes} |",
+        f"| `stampflow check` exit code | {report.checks.get('stampflow_check_exit')} |",
+        f"| result | {'PASSED: nothing lost, nothing doubled' if not report.failures else 'FAILED'} |",
+        "", "## Faults", "", "| at s | fault |", "| --- | --- |",
+        *[f"| {f.at_s} | {f.what} |" for f in report.faults],
+    ]
+    if report.failures:
+        lines += ["", "## Failures", "", *[f"- {f}" for f in report.failures]]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    from inference import make_tiny_flux
+    from stampflow.services import EmbeddedServices
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=100_000)
+    p.add_argument("--kills", type=int, default=30)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--rate", type=float, default=400.0)
+    p.add_argument("--generation-share", type=float, default=0.002)
+    p.add_argument("--out", type=Path, default=None,
+                   help="results path without suffix (default bench/results/faults-<N>)")
+    args = p.parse_args()
+    cfg = Config(requests=args.requests, seed=args.seed, kills=args.kills, rate=args.rate,
+                 generation_share=args.generation_share, drain_timeout_s=3600)
+    out = args.out or Path("bench/results") / f"faults-{args.requests}"
+    with tempfile.TemporaryDirectory(prefix="stampflow-campaign-") as tmp, \
+            EmbeddedServices(Path(tmp) / "services", fast=True) as svc:
+        work = Path(tmp) / "work"
+        work.mkdir()
+        model = make_tiny_flux(Path(tmp) / "tiny-flux") if cfg.generation_share else None
+        report = asyncio.run(run_campaign(cfg, svc.endpoints, svc.postgres, svc.broker, work,
+                                          tiny_model=model))
+    write_results(report, out)
+    print(out.with_suffix(".md").read_text())
+    sys.exit(1 if report.failures else 0)
+
+
+
+if __name__ == "__main__":
+    main()
