@@ -31,6 +31,7 @@ from stampflow.errors import ServiceUnavailable, StampflowError
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 500
 MAX_POLL_RECORDS = 500
+FETCH_MAX_WAIT_MS = 50
 _TOPIC_ALREADY_EXISTS = 36
 
 
@@ -123,7 +124,10 @@ def make_consumer(bootstrap: str, topics: Sequence[str], group_id: str, *,
         "max_poll_records": max_poll_records,
         "max_poll_interval_ms": 300_000,
         "isolation_level": "read_uncommitted",
-        "fetch_max_wait_ms": 100,
+        # Tansu holds a fetch for this long before answering, data or not: it sets the
+        # latency floor per hop. Measured at 100/300/500 req/s end to end (p99): 100 ms gave
+        # 102/168/307 ms, 50 ms 56/117/147 ms, 20 ms 42/148/497 ms (fetches spin under load).
+        "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
     }
     config.update(overrides)
