@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     inference_device: str | None = None
     inference_dtype: str | None = None
 
+    # Freeze the start-up heap and collect garbage less often once the nodes run (app.tune_gc).
+    gc_tuning: bool = True
+
     # Ports for /metrics, /healthz and /readyz (0: pick a free one)
     http_port: int = Field(default=0, ge=0, le=65535)
     log_level: str = "INFO"
