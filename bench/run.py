@@ -1,8 +1,9 @@
 """stampflow's benchmark: each figure side by side with its bare library, in the same run.
 
-    ./dev bench [--quick] [--out bench/results]
+    ./dev bench [--quick] [--no-generation] [--out bench/results]
 
-Writes ``bench/results/latest.json`` and ``latest.md`` (and a dated copy of each). The machine
+Writes ``bench/results/latest.json`` and ``latest.md`` (and a dated copy of each), the
+generation benchmark (bench/generation.py) included. The machine
 is noisy: read the ratios against the bare library more than the absolute numbers.
 """
 
@@ -259,18 +260,8 @@ async def bench_reducer(admin: Endpoints, workflows: int) -> Result:
     endpoints = admin.with_database(await fresh_db(admin.database_url))
     s = settings_for(endpoints, f"red{uuid4().hex[:6]}", Path("."))
     await prepare(s, endpoints)
-    core = OrchestratorCore(builtin_contract("orchestrator"), Limits(1 << 20))
     now = datetime.now(UTC)
-    events = []
-    for i in range(workflows):
-        rid = uuid4()
-        req = envelope_for(StampRequested(content=b"eA=="), namespace=f"ns{i % 8}",
-                           event_id=rid, correlation_id=rid, causation_id=None, source="bench",
-                           occurred_at=now)
-        wf, cmds = core.start(req, now)
-        _, more = core.step(wf, StampSucceeded(blake3(rid.bytes).hexdigest(), 1, "text/plain",
-                                               now, now))
-        events += [c.envelope for c in [*cmds, *more] if isinstance(c, Emit)]
+    events = stamp_events(workflows)
     producer = make_producer(endpoints.bootstrap_servers, linger_ms=20)
     await producer.start()
     futures = [await producer.send(s.events_topic, value=e.to_bytes(), key=e.key())
@@ -321,6 +312,62 @@ async def bench_reducer(admin: Endpoints, workflows: int) -> Result:
             "reducer_batch_p50": statistics.median(running.reducers[0].batches)}
 
 
+async def bench_reducer_cpu(admin: Endpoints, workflows: int, rounds: int) -> Result:
+    """The reducer's own CPU per event (decode + reduce + the batch's SQL, 5000 per batch),
+    with the nodes' garbage-collector tuning off and on, alternating, in this one process."""
+    import gc
+
+    from contracts.nodes import load_contracts
+    from nodes.reducer.store import ReducerStore
+    from stampflow.app import tune_gc
+
+    fsms = {spec.name: spec for spec in load_contracts()["orchestrator"].fsm}
+    raws = [e.to_bytes() for e in stamp_events(workflows)]
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
+    wall: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for mode in ("off", "on"):
+            url = await fresh_db(admin.database_url)
+            await migrate(url)
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+            store = ReducerStore(pool, fsms)
+            gc.unfreeze()
+            gc.set_threshold(700, 10, 10)  # Python's defaults
+            gc.collect()
+            if mode == "on":
+                tune_gc()
+            t0, w0 = time.process_time(), time.perf_counter()
+            for i in range(0, len(raws), 5000):
+                await store.apply([decode(r) for r in raws[i:i + 5000]])
+            cpu[mode].append((time.process_time() - t0) / len(raws) * 1e6)
+            wall[mode].append(len(raws) / (time.perf_counter() - w0))
+            await pool.close()
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    off, on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+    return {"events": len(raws), "rounds": rounds, "cpu_us_per_event_gc_default": off,
+            "cpu_us_per_event_gc_tuned": on, "cpu_ratio": on / off,
+            "events_per_s_gc_default": statistics.median(wall["off"]),
+            "events_per_s_gc_tuned": statistics.median(wall["on"])}
+
+
+def stamp_events(workflows: int) -> list[Any]:
+    """The events of ``workflows`` completed stamp workflows, as the orchestrator emits them."""
+    core = OrchestratorCore(builtin_contract("orchestrator"), Limits(1 << 20))
+    now = datetime.now(UTC)
+    events = []
+    for i in range(workflows):
+        rid = uuid4()
+        req = envelope_for(StampRequested(content=b"eA=="), namespace=f"ns{i % 8}",
+                           event_id=rid, correlation_id=rid, causation_id=None, source="bench",
+                           occurred_at=now)
+        wf, cmds = core.start(req, now)
+        _, more = core.step(wf, StampSucceeded(blake3(rid.bytes).hexdigest(), 1, "text/plain",
+                                               now, now))
+        events += [c.envelope for c in [*cmds, *more] if isinstance(c, Emit)]
+    return events
+
+
 def machine_info() -> Result:
     import aiokafka
 
@@ -360,6 +407,21 @@ def markdown(result: Result) -> str:
             f"{red['bare_copy_events_per_s']:.0f} | |",
             f"| reducer / raw COPY | {red['ratio']:.2f} | |",
             f"| reducer batch p50 | {red['reducer_batch_p50']:.0f} events | ≥ 1,000 |"]
+    if "reducer_cpu" in result:
+        c = result["reducer_cpu"]
+        out += ["", "## Improvement: garbage-collector tuning in the nodes", "",
+                f"Reducer CPU per event (decode, reduce, SQL; {c['events']} events in batches of "
+                f"5000, median of {c['rounds']} alternating rounds, this process only).", "",
+                "| Python's GC defaults | tuned (`app.tune_gc`) | ratio |", "| --- | --- | --- |",
+                f"| {c['cpu_us_per_event_gc_default']:.1f} µs ({c['events_per_s_gc_default']:.0f}"
+                f" events/s) | {c['cpu_us_per_event_gc_tuned']:.1f} µs "
+                f"({c['events_per_s_gc_tuned']:.0f} events/s) | {c['cpu_ratio']:.2f}× CPU |"]
+    if "generation" in result:
+        from bench.generation import markdown as generation_markdown
+
+        body = generation_markdown(result["generation"]).split("\n", 1)[1]
+        out += ["", "## Generation (tiny FLUX on this machine's CPU)",
+                body.replace("\n## ", "\n### ")]
     return "\n".join(out) + "\n"
 
 
@@ -384,8 +446,17 @@ async def main_async(args: argparse.Namespace) -> Result:
             print("reducer ...", file=sys.stderr)
             result["reducer"] = await bench_reducer(
                 services.endpoints, 2000 if args.quick else 10000)
+            print("reducer CPU, GC tuning off/on ...", file=sys.stderr)
+            result["reducer_cpu"] = await bench_reducer_cpu(
+                services.endpoints, 2000 if args.quick else 10000, 2 if args.quick else 3)
         finally:
             await asyncio.to_thread(services.stop)
+    if not args.no_generation:
+        from bench import generation
+
+        print("generation ...", file=sys.stderr)
+        gen_args = argparse.Namespace(quick=args.quick, threads=min(2, os.cpu_count() or 1))
+        result["generation"] = await generation.main_async(gen_args)
     return result
 
 
@@ -394,6 +465,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--no-generation", action="store_true",
+                        help="leave out the generation benchmark (bench.generation)")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     args.out.mkdir(parents=True, exist_ok=True)
