@@ -178,7 +178,7 @@ def build_orchestrator(
         core=core,
         config=OrchestratorConfig(
             requests_topic=settings.requests_topic, events_topic=settings.events_topic,
-            max_in_flight=settings.max_in_flight,
+            max_in_flight=settings.max_in_flight, group_id=group,
         ),
         consumer_factory=consumer_factory,
         publisher=publisher,

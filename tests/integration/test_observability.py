@@ -39,6 +39,14 @@ async def test_nodes_serve_health_readiness_and_metrics(
         for name in ("stampflow_workflows_total", "stampflow_workflow_latency_seconds",
                      "stampflow_reducer_batch_size", "stampflow_consumer_lag"):
             assert name in metrics
+        # Both nodes report their lag, labelled by consumer group, once they commit.
+        for node in ("orchestrator", "reducer"):
+            label = f'stampflow_consumer_lag{{group="{topic_prefix}-{node}"'
+
+            async def reported(label: str = label) -> bool:
+                return label in (await asyncio.to_thread(get, port, "/metrics"))[1]
+
+            await wait_for(reported, 30, f"{node} consumer lag on /metrics")
         assert (await asyncio.to_thread(get, port, "/nope"))[0] == 404
         stack.nodes.orchestrators[0].ready = False
         assert (await asyncio.to_thread(get, port, "/readyz"))[0] == 503

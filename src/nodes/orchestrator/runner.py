@@ -52,6 +52,7 @@ from nodes.orchestrator.core import (
 )
 from nodes.stamping import StampError, StampingNode
 from stampflow.observability import (
+    CONSUMER_LAG,
     DLQ_RECORDS,
     RETRIES,
     TRANSITION_SECONDS,
@@ -88,6 +89,7 @@ class OrchestratorConfig:
     max_in_flight: int
     commit_interval_s: float = 0.2
     shutdown_grace_s: float = 25.0
+    group_id: str = "orchestrator"  # the consumer-lag metric's label
 
 
 def _now() -> datetime:
@@ -201,6 +203,11 @@ class Orchestrator:
             log.warning("offset commit refused by the group", error=str(err))
         except KafkaError as err:
             log.warning("offset commit failed; will retry", error=str(err))
+        for tp, offset in offsets.items():
+            high = consumer.highwater(tp)
+            if high is not None:  # records not yet finished, or not yet fetched
+                CONSUMER_LAG.labels(self.config.group_id, tp.topic, str(tp.partition)).set(
+                    max(0, high - offset))
 
     # --- one record --------------------------------------------------------------------------
 
