@@ -7,6 +7,7 @@ key) and the error, so an operator can inspect a poison message and re-drive it 
 from __future__ import annotations
 
 import base64
+import re
 import json
 from datetime import datetime
 from typing import Any
@@ -43,9 +44,23 @@ def parse_dead_letter(raw: bytes) -> dict[str, Any]:
     return doc
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+MAX_FIELD_CHARS = 120
+
+
 def one_line(err: ValidationError) -> str:
-    """A validation error as one line: the first field, its problem, and how many more."""
+    """A validation error as one line: the first field, its problem, and how many more.
+
+    Field names and tags come from the sender: control characters are escaped (a newline in a
+    key must not split a log line) and an over-long field name is cut.
+    """
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(message)"
+    if len(where) > MAX_FIELD_CHARS:
+        where = where[:MAX_FIELD_CHARS] + "..."
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
+    return _escape(f"{where}: {first['msg']}{more}")
+
+
+def _escape(text: str) -> str:
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,20 +24,16 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
-from pydantic import ValidationError
 
 from contracts.events import (
-    REQUEST_TYPES,
     Envelope,
     GenerationRequested,
-    WorkflowKind,
-    decode,
-    probe_identity,
 )
 from contracts.nodes import NodeContract
-from nodes.deadletter import dead_letter, dlq_topic, one_line
+from nodes.deadletter import dead_letter, dlq_topic
 from nodes.fsm import Workflow
 from nodes.offsets import OffsetTracker, PartitionKey
+from nodes.orchestrator.admission import Admitted, Refused, Unreadable, admit
 from nodes.orchestrator.core import (
     CallInference,
     CallStamping,
@@ -257,18 +252,15 @@ class Orchestrator:
 
     async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
         self.breaker.check()
-        raw = record.value or b""
-        try:
-            request = decode(raw)
-        except ValidationError as err:
-            await self._reject_or_dlq(record, raw, one_line(err))
-            return
-        if request.event_type not in REQUEST_TYPES:
-            await self._reject(request.namespace, request, _kind_of(request.event_type),
-                               "unexpected_event",
-                               f"{request.event_type} is not a request; expected one of "
-                               f"{sorted(REQUEST_TYPES)}")
-            return
+        match admit(record.value or b""):
+            case Unreadable(reason=reason):
+                await self._dead_letter(record, reason)
+                return
+            case Refused() as refused:
+                await self._reject(refused)
+                return
+            case Admitted(request=request):
+                pass
         structlog.contextvars.bind_contextvars(correlation_id=str(request.event_id),
                                                namespace=request.namespace)
         try:
@@ -364,26 +356,12 @@ class Orchestrator:
 
     # --- bad input ---------------------------------------------------------------------------
 
-    async def _reject_or_dlq(self, record: ConsumerRecord[bytes, bytes], raw: bytes,
-                             reason: str) -> None:
-        identity = probe_identity(raw)
-        if identity is None:
-            await self._dead_letter(record, reason)
-            return
-        namespace, request_id = identity
-        kind = _kind_of(_peek_type(raw))
-        workflow, commands = self.core.reject(namespace, request_id, kind, "invalid_request",
-                                              reason, self.clock())
-        log.warning("invalid request", namespace=namespace, request_id=str(request_id),
-                    reason=reason)
-        await self._execute_plain(commands)
-
-    async def _reject(self, namespace: str, request: Envelope, kind: WorkflowKind, code: str,
-                      reason: str) -> None:
-        _, commands = self.core.reject(namespace, request.event_id, kind, code, reason,
-                                       self.clock())
-        log.warning("rejected request", namespace=namespace, request_id=str(request.event_id),
-                    reason=reason)
+    async def _reject(self, refused: Refused) -> None:
+        _, commands = self.core.reject(refused.namespace, refused.request_id, refused.kind,
+                                       refused.code, refused.reason, self.clock())
+        log.warning("rejected request", namespace=refused.namespace,
+                    request_id=str(refused.request_id), code=refused.code,
+                    reason=refused.reason)
         await self._execute_plain(commands)
 
     async def _execute_plain(self, commands: list[Command]) -> None:
@@ -434,15 +412,3 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
-
-
-def _peek_type(raw: bytes) -> str:
-    try:
-        doc = json.loads(raw)
-        return str(doc.get("event_type") or doc.get("payload", {}).get("type") or "")
-    except (ValueError, AttributeError, TypeError):
-        return ""
-
-
-def _kind_of(event_type: str) -> WorkflowKind:
-    return "generation" if event_type.startswith("generation") else "stamp"
