@@ -7,8 +7,8 @@ key) and the error, so an operator can inspect a poison message and re-drive it 
 from __future__ import annotations
 
 import base64
-import re
 import json
+import re
 from datetime import datetime
 from typing import Any
 
