@@ -3,7 +3,8 @@
 The source is chosen by ``--services`` or ``STAMPFLOW_TEST_SERVICES``:
 - ``embedded`` (default): a PostgreSQL server and the Tansu broker started here;
 - ``external``: ``STAMPFLOW_DATABASE_URL`` and ``STAMPFLOW_BOOTSTRAP_SERVERS`` name running ones;
-- ``containers``: testcontainers (arrives with the testcontainers issue).
+- ``containers``: PostgreSQL and a Kafka-API broker in containers, through testcontainers
+  (tests/containers.py); the default wherever a Docker daemon answers.
 Each test gets its own topics (a unique prefix) and its own freshly created database.
 """
 
@@ -34,25 +35,27 @@ from stampflow.services import (
     with_database,
 )
 from stampflow.settings import ServiceSource, Settings
+from tests.containers import ContainerServer, container_services, docker_answers
 
 SOURCES = tuple(s.value for s in ServiceSource)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--services", choices=SOURCES, default=None,
-                     help="where integration tests find PostgreSQL and Kafka "
-                          "(default: $STAMPFLOW_TEST_SERVICES or embedded)")
+                     help="where integration tests find PostgreSQL and Kafka (default: "
+                          "$STAMPFLOW_TEST_SERVICES, else containers when Docker answers, "
+                          "else embedded)")
 
 
 @dataclass
 class Services:
-    """The session's services. ``postgres``/``broker`` are None unless they are embedded:
-    fault tests stop, kill or freeze them through these."""
+    """The session's services. ``postgres``/``broker`` are None for external services: fault
+    tests stop, kill, freeze or restart them through these (processes or containers)."""
 
     source: ServiceSource
     endpoints: Endpoints
-    postgres: EmbeddedPostgres | None = None
-    broker: EmbeddedBroker | None = None
+    postgres: EmbeddedPostgres | ContainerServer | None = None
+    broker: EmbeddedBroker | ContainerServer | None = None
 
 
 @contextmanager
@@ -70,12 +73,20 @@ def start_services(source: ServiceSource | str) -> Iterator[Services]:
             pytest.fail(f"--services=external: {err}", pytrace=False)
         yield Services(source, endpoints)
     else:
-        pytest.skip("containers source arrives with the testcontainers issue")
+        if not docker_answers():
+            pytest.fail("--services=containers: no Docker daemon answers (DOCKER_HOST="
+                        f"{os.environ.get('DOCKER_HOST', 'unset')}); scripts/docker-daemon "
+                        "start runs one", pytrace=False)
+        with container_services() as found:
+            yield Services(source, found.endpoints, found.postgres, found.broker)
 
 
 def _source(config: pytest.Config) -> str:
-    return str(config.getoption("--services")
-               or os.environ.get("STAMPFLOW_TEST_SERVICES") or ServiceSource.EMBEDDED.value)
+    """``--services``, else $STAMPFLOW_TEST_SERVICES, else containers where Docker answers."""
+    chosen = config.getoption("--services") or os.environ.get("STAMPFLOW_TEST_SERVICES")
+    if chosen:
+        return str(chosen)
+    return (ServiceSource.CONTAINERS if docker_answers() else ServiceSource.EMBEDDED).value
 
 
 @pytest.fixture(scope="session")
