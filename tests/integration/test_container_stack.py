@@ -97,7 +97,7 @@ async def test_reducer_container_stopped_and_started_loses_and_doubles_nothing(
     finally:
         client.close()
 
-    first, second = _items(5, 1500), _items(6, 500)
+    first, second = _items(5, 3000), _items(6, 500)
     total = len(first) + len(second)
     db_url = f"postgresql://postgres:{PASSWORD}@postgres:5432/postgres"
     env = {"STAMPFLOW_SERVICES": "external", "STAMPFLOW_DATABASE_URL": db_url,
@@ -138,15 +138,18 @@ async def test_reducer_container_stopped_and_started_loses_and_doubles_nothing(
             orchestrator = service("run", "orchestrator")
             reducer = service("run", "reducer")
             with orchestrator, reducer:
-                await asyncio.to_thread(
-                    run_to_end, service("-c", SUBMIT, SEED="5", COUNT="1500").with_kwargs(
-                        entrypoint="python"), "the first submitter")
+                # The first requests are published in the background; the reducer is stopped
+                # as soon as the first results land, while the rest are still flowing.
+                submitting = asyncio.create_task(asyncio.to_thread(
+                    run_to_end, service("-c", SUBMIT, SEED="5", COUNT=str(len(first)))
+                    .with_kwargs(entrypoint="python"), "the first submitter"))
                 await wait_for(lambda: _at_least(host_url, 20), 120, "work under way")
                 docker_reducer = reducer.get_wrapped_container()
                 await asyncio.to_thread(docker_reducer.stop, timeout=5)
+                await submitting
                 stopped_at = await finished_count(host_url)
                 await asyncio.to_thread(
-                    run_to_end, service("-c", SUBMIT, SEED="6", COUNT="500").with_kwargs(
+                    run_to_end, service("-c", SUBMIT, SEED="6", COUNT=str(len(second))).with_kwargs(
                         entrypoint="python"), "the second submitter")
                 await asyncio.sleep(2)
                 assert await finished_count(host_url) == stopped_at  # nobody reduces now
