@@ -61,9 +61,11 @@ class Client:
                                 event_id: UUID | None = None) -> UUID:
         return (await self.submit(namespace, request, event_id=event_id)).event_id
 
-    async def publish_raw(self, value: bytes, key: bytes | None) -> None:
+    async def publish_raw(self, value: bytes, key: bytes | None, *, wait: bool = True) -> None:
         """Publish bytes as they are (tests of malformed input use this)."""
-        await (await self._producer.send(self.settings.requests_topic, value=value, key=key))
+        delivery = await self._producer.send(self.settings.requests_topic, value=value, key=key)
+        if wait:
+            await delivery
 
     async def flush(self) -> None:
         await self._producer.flush()

@@ -25,10 +25,13 @@ def cli(*args: str, database_url: str, bootstrap: str = "",
                           capture_output=True, text=True, timeout=60)
 
 
+ROLE_PASSWORD = "op-secret"  # the embedded server trusts; a container's asks for it
+
+
 def as_role(url: str, role: str) -> str:
     scheme, rest = url.split("://", 1)
     hostpart = rest.split("@", 1)[-1]
-    return f"{scheme}://{role}@{hostpart}"
+    return f"{scheme}://{role}:{ROLE_PASSWORD}@{hostpart}"
 
 
 async def test_a_namespace_role_sees_only_its_namespace(
@@ -43,7 +46,8 @@ async def test_a_namespace_role_sees_only_its_namespace(
         await wait_for(lambda: _at_least(fresh_database_url, 6), 60, "6 workflows")
 
     role = f"op_{topic_prefix}"
-    made = cli("roles", "create", role, "-n", "tenant_a", database_url=fresh_database_url)
+    made = cli("roles", "create", role, "-n", "tenant_a", "--password", ROLE_PASSWORD,
+               database_url=fresh_database_url)
     assert made.returncode == 0, made.stderr
     mine = as_role(fresh_database_url, role)
 
