@@ -43,8 +43,8 @@ class Settings(BaseSettings):
     # Orchestrator
     max_in_flight: int = Field(default=256, ge=1, le=100_000)
     # Reducer
-    reducer_batch_max: int = Field(default=5000, ge=1)
-    reducer_batch_wait_ms: int = Field(default=200, ge=1)
+    reducer_batch_max: int = Field(default=5000, ge=1, le=100_000)  # the contract's cap too
+    reducer_batch_wait_ms: int = Field(default=200, ge=1, le=60_000)
 
     # Generation: model name -> local folder or Hugging Face repo id (looked up in the local
     # cache only), as JSON: STAMPFLOW_MODELS='{"tiny": "/models/tiny-flux"}'.

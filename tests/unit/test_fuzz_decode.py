@@ -3,15 +3,19 @@ input gets exactly one clear answer, and whatever the node then emits is itself 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from contracts.events import NAMESPACE_PATTERN, REQUEST_TYPES, decode
+from contracts.events import MAX_PROMPT_CHARS, NAMESPACE_PATTERN, REQUEST_TYPES, decode
 from contracts.nodes import builtin_contract
 from nodes.orchestrator.admission import Admitted, Refused, Unreadable, admit
 from nodes.orchestrator.core import Emit, Limits, OrchestratorCore
+from stampflow.settings import Settings
 from tests.fuzz import JSON, RECORDS, mutated_requests
 
 CORE = OrchestratorCore(builtin_contract("orchestrator"), Limits(max_content_bytes=1 << 20))
@@ -89,3 +93,31 @@ def test_a_newline_in_a_field_name_does_not_split_the_reason() -> None:
     answer = admit(VALID.replace(b'"source"', b'"evil\\nkey": 1, "source"'))
     assert isinstance(answer, Refused)
     assert "\n" not in answer.reason and "evil\\nkey" in answer.reason
+
+
+@pytest.mark.parametrize(("field", "value", "where"), [
+    ("prompt", "x" * (MAX_PROMPT_CHARS + 1), "payload.generation.requested.prompt"),
+    ("negative_prompt", "x" * (MAX_PROMPT_CHARS + 1),
+     "payload.generation.requested.negative_prompt"),
+    ("width", 4096 + 16, "payload.generation.requested.width"),
+    ("num_inference_steps", 101, "payload.generation.requested.num_inference_steps"),
+])
+def test_size_limits_on_generation_requests_refuse_clearly(field: str, value: object,
+                                                          where: str) -> None:
+    doc = json.loads(VALID)
+    doc["event_type"] = "generation.requested"
+    doc["payload"] = {"type": "generation.requested", "prompt": "a cat", field: value}
+    answer = admit(json.dumps(doc).encode())
+    assert isinstance(answer, Refused) and answer.code == "invalid_request"
+    assert answer.reason.startswith(f"{where}: ") and len(answer.reason) < 300
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("STAMPFLOW_REDUCER_BATCH_MAX", "100001"), ("STAMPFLOW_MAX_IN_FLIGHT", "100001"),
+    ("STAMPFLOW_REDUCER_BATCH_MAX", "0"),
+])
+def test_batch_and_in_flight_settings_are_bounded(monkeypatch: pytest.MonkeyPatch,
+                                                  variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError):
+        Settings()
