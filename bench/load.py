@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import asyncpg
 from tests.integration.stack import NodeProcess, settings_for
 
-from bench.run import bench_latency, fresh_db, machine_info
+from bench.run import bench_latency, finished, fresh_db, machine_info
 from contracts.events import GenerationRequested
 from stampflow.app import prepare
 from stampflow.client import Client
@@ -55,15 +54,6 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-async def terminal(url: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
-        return int(await conn.fetchval(
-            "SELECT coalesce(sum(completed + failed), 0) FROM namespace_aggregates"))
-    finally:
-        await conn.close()
 
 
 class Nodes:
@@ -135,7 +125,7 @@ async def bench_in_flight(admin: Endpoints, work: Path, cap: int, requests: int,
             if peak_in_flight >= cap and len(samples) > 20:
                 break
             await asyncio.sleep(0.25)
-        done = await terminal(endpoints.database_url)
+        done = await finished(endpoints.database_url)
         hwm = rss_mb(pid, "VmHWM")
     return {"cap": cap, "requests": requests, "published_s": round(published_s, 1),
             "peak_in_flight": int(peak_in_flight), "idle_rss_mb": round(idle_rss, 1),
@@ -156,7 +146,7 @@ async def bench_burst(admin: Endpoints, work: Path, burst: int, steady_rate: flo
 
         async def sample() -> None:
             while True:
-                done = await terminal(endpoints.database_url)
+                done = await finished(endpoints.database_url)
                 lag = await metric(nodes.reducer_port, "stampflow_consumer_lag")
                 timeline.append((round(time.monotonic() - t0, 2), published, published - done,
                                  -1 if lag is None else int(lag)))
