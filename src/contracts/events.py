@@ -29,7 +29,19 @@ Namespace = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", strict=True)
 ]
 Blake3Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Anchored with \Z: with ``$``, ``re.match`` also accepts a trailing newline.
+NAMESPACE_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
+
+# Every string that can reach PostgreSQL. A text column refuses the NUL character
+# (CharacterNotInRepertoireError), so it is refused here, at admission, with the field named;
+# lone surrogates never get this far (pydantic refuses them in JSON and in Python input).
+# The pattern travels into the exported JSON Schemas.
+PG_TEXT_PATTERN = r"^[^\x00]*$"
+Text = Annotated[str, StringConstraints(pattern=PG_TEXT_PATTERN)]
+
+# PostgreSQL's integer column types, for fields a hostile producer could set out of range.
+INT4_MAX = 2**31 - 1
+INT8_MAX = 2**63 - 1
 
 WorkflowKind = Literal["stamp", "generation"]
 
@@ -52,10 +64,17 @@ class Frozen(BaseModel):
 class StampRequested(Frozen):
     """Stamp one piece of content: a file under the content root, or inline bytes (base64)."""
 
+    # "Exactly one of path and content" in the exported JSON Schema too (a null counts as
+    # absent, as in the model).
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["path"], "properties": {"path": {"type": "string"}}},
+        {"required": ["content"], "properties": {"content": {"type": "string"}}},
+    ]})
+
     type: Literal["stamp.requested"] = "stamp.requested"
-    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    path: Text | None = Field(default=None, min_length=1, max_length=4096)
     content: Base64Bytes | None = None
-    content_type: str | None = Field(default=None, max_length=255)
+    content_type: Text | None = Field(default=None, max_length=255)
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> StampRequested:
@@ -68,15 +87,15 @@ class GenerationRequested(Frozen):
     """Generate an image. Without a seed, one is derived from the request's event id."""
 
     type: Literal["generation.requested"] = "generation.requested"
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Text | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     width: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
     height: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
     num_inference_steps: int = Field(default=4, ge=MIN_STEPS, le=MAX_STEPS)
     guidance_scale: float = Field(default=0.0, ge=0.0, le=30.0)
     true_cfg_scale: float = Field(default=1.0, ge=1.0, le=30.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    model: str = Field(default="flux-schnell", min_length=1, max_length=200)
+    model: Text = Field(default="flux-schnell", min_length=1, max_length=200)
 
     @model_validator(mode="after")
     def _pixel_cap(self) -> GenerationRequested:
@@ -96,11 +115,11 @@ class WorkflowTransitioned(Frozen):
     type: Literal["workflow.transitioned"] = "workflow.transitioned"
     workflow_id: UUID
     workflow_kind: WorkflowKind
-    seq: int = Field(ge=1)
-    from_state: str | None
-    to_state: str
-    trigger: str
-    reason: str | None = None
+    seq: int = Field(ge=1, le=INT4_MAX)
+    from_state: Text | None = Field(max_length=200)
+    to_state: Text = Field(max_length=200)
+    trigger: Text = Field(max_length=200)
+    reason: Text | None = Field(default=None, max_length=2000)
 
 
 class StampCreated(Frozen):
@@ -108,44 +127,45 @@ class StampCreated(Frozen):
     workflow_id: UUID
     hash: Blake3Hex
     algorithm: Literal["blake3"] = "blake3"
-    size: int = Field(ge=0)
-    content_type: str
+    size: int = Field(ge=0, le=INT8_MAX)
+    content_type: Text = Field(max_length=255)
     stamped_at: AwareDatetime
-    source: str | None = None  # the request's path, when it named one
+    source: Text | None = Field(default=None, max_length=4096)  # the request's path, if any
 
 
 class GenerationCompleted(Frozen):
     type: Literal["generation.completed"] = "generation.completed"
     workflow_id: UUID
-    artifact_uri: str
+    artifact_uri: Text = Field(max_length=4096)
     hash: Blake3Hex
-    size: int = Field(ge=0)
-    seed: int
-    width: int
-    height: int
-    num_inference_steps: int
-    model: str
-    device: str
-    prompt_tokens: int = Field(ge=0)
-    truncated_tokens: int = Field(default=0, ge=0)
+    size: int = Field(ge=0, le=INT8_MAX)
+    seed: int = Field(ge=0, le=INT8_MAX)
+    width: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(ge=MIN_SIDE, le=MAX_SIDE)
+    num_inference_steps: int = Field(ge=MIN_STEPS, le=MAX_STEPS)
+    model: Text = Field(max_length=200)
+    device: Text = Field(max_length=200)
+    prompt_tokens: int = Field(ge=0, le=INT4_MAX)
+    truncated_tokens: int = Field(default=0, ge=0, le=INT4_MAX)
     negative_prompt_ignored: bool = False
-    batch_size: int = Field(default=1, ge=1)
-    timings_ms: dict[str, float] = Field(default_factory=dict)
+    batch_size: int = Field(default=1, ge=1, le=INT4_MAX)
+    timings_ms: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict)
 
 
 class WorkflowCompleted(Frozen):
     type: Literal["workflow.completed"] = "workflow.completed"
     workflow_id: UUID
     workflow_kind: WorkflowKind
-    duration_ms: float = Field(ge=0)
+    duration_ms: float = Field(ge=0, allow_inf_nan=False)
 
 
 class WorkflowFailed(Frozen):
     type: Literal["workflow.failed"] = "workflow.failed"
     workflow_id: UUID
     workflow_kind: WorkflowKind
-    error_code: str
-    reason: str = Field(max_length=2000)
+    error_code: Text = Field(max_length=200)
+    reason: Text = Field(max_length=2000)
 
 
 Payload: TypeAlias = Annotated[
@@ -187,7 +207,7 @@ class Envelope(Frozen):
     correlation_id: UUID
     causation_id: UUID | None = None
     occurred_at: AwareDatetime
-    source: str = Field(min_length=1, max_length=200)
+    source: Text = Field(min_length=1, max_length=200)
     payload: Payload
 
     @model_validator(mode="after")

@@ -197,3 +197,57 @@ def test_envelope_for_sets_event_type() -> None:
                        occurred_at=datetime(2026, 1, 1, tzinfo=UTC))
     assert isinstance(env, Envelope)
     assert env.event_type == "stamp.requested"
+
+
+# --- what PostgreSQL cannot store is refused at admission ----------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("content_type", "text/plain\x00"),
+    ("path", "a\x00b"),
+])
+def test_a_nul_character_is_refused_naming_the_field(field: str, value: str) -> None:
+    payload: dict[str, object] = {"content": base64.b64encode(b"x").decode(), field: value}
+    if field == "path":
+        payload.pop("content")
+    raw = json.dumps(_request(**payload)).encode()
+    with pytest.raises(ValidationError) as info:
+        decode(raw)
+    assert info.value.errors()[0]["loc"][-1] == field
+
+
+def test_a_nul_in_a_prompt_or_model_is_refused() -> None:
+    for field in ("prompt", "negative_prompt", "model"):
+        with pytest.raises(ValidationError):
+            GenerationRequested.model_validate({"prompt": "p", field: "x\x00"})
+
+
+def test_result_events_are_bounded_to_postgresql_column_types() -> None:
+    from contracts.events import GenerationCompleted, WorkflowCompleted, WorkflowTransitioned
+
+    good = {"workflow_id": str(uuid4()), "artifact_uri": "file:///a", "hash": "0" * 64,
+            "size": 1, "seed": 1, "width": 64, "height": 64, "num_inference_steps": 2,
+            "model": "m", "device": "cpu", "prompt_tokens": 1}
+    GenerationCompleted.model_validate(good)
+    for field, value in [("seed", 2**63), ("size", 2**63), ("prompt_tokens", 2**31),
+                         ("batch_size", 2**31), ("model", "a\x00")]:
+        with pytest.raises(ValidationError):
+            GenerationCompleted.model_validate({**good, field: value})
+    with pytest.raises(ValidationError):
+        WorkflowTransitioned.model_validate({"workflow_id": str(uuid4()), "workflow_kind": "stamp",
+                                             "seq": 2**31, "from_state": None,
+                                             "to_state": "received", "trigger": "start"})
+    with pytest.raises(ValidationError):
+        WorkflowCompleted.model_validate_json(
+            '{"workflow_id": "%s", "workflow_kind": "stamp", "duration_ms": Infinity}' % uuid4())
+
+
+def test_the_exported_schema_says_exactly_one_of_path_and_content() -> None:
+    schema = StampRequested.model_json_schema()
+    assert {"required": ["path"], "properties": {"path": {"type": "string"}}} in schema["oneOf"]
+    assert schema["properties"]["content_type"]["anyOf"][0]["pattern"] == "^[^\\x00]*$"
+
+
+def test_a_namespace_with_a_trailing_newline_is_not_readable() -> None:
+    raw = json.dumps({**_request(content="eA=="), "namespace": "acme\n"}).encode()
+    assert probe_identity(raw) is None

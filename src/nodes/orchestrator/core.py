@@ -32,6 +32,7 @@ from contracts.nodes import NodeContract
 from nodes.fsm import Transition, Workflow, WorkflowMachine
 
 SOURCE = "orchestrator"
+MAX_REASON_CHARS = 2000
 
 # --- what the runner tells the core ---------------------------------------------------------
 
@@ -202,10 +203,11 @@ class OrchestratorCore:
         self, workflow: Workflow, commands: list[Command], error_code: str, reason: str,
         at: datetime,
     ) -> None:
+        reason = storable(reason, MAX_REASON_CHARS)
         self._fire(workflow, commands, "fail", at, reason=reason)
         commands.append(self._emit(workflow, "terminal", WorkflowFailed(
             workflow_id=workflow.workflow_id, workflow_kind=_kind(workflow),
-            error_code=error_code, reason=reason[:2000],
+            error_code=storable(error_code, 200), reason=reason,
         ), at))
         commands.append(Finished(workflow.state))
 
@@ -232,6 +234,12 @@ class OrchestratorCore:
         if isinstance(request, StampRequested) and request.content is not None:
             return len(request.content) <= self.limits.max_content_bytes
         return True
+
+
+def storable(text: str, limit: int) -> str:
+    """``text`` as PostgreSQL can store it: NUL escaped, cut to ``limit`` characters. Reasons
+    quote what an effect saw (an OS error naming a path, a model's message)."""
+    return text.replace("\x00", "\\x00")[:limit]
 
 
 def _always(workflow: Workflow, kwargs: Mapping[str, Any]) -> bool:
