@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -32,10 +33,12 @@ from stampflow.services import (
     create_database,
     drop_database,
     external_endpoints,
+    free_port,
     with_database,
 )
 from stampflow.settings import ServiceSource, Settings
 from tests.containers import ContainerServer, container_services, docker_answers
+from tests.faultproxy import FaultProxy
 
 SOURCES = tuple(s.value for s in ServiceSource)
 
@@ -45,6 +48,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="where integration tests find PostgreSQL and Kafka (default: "
                           "$STAMPFLOW_TEST_SERVICES, else containers when Docker answers, "
                           "else embedded)")
+    parser.addoption("--long-outages", action="store_true", default=False,
+                     help="run the outage tests (tests/integration/test_outages.py) at their "
+                          "full length: 3 minutes per refusing or hanging outage")
 
 
 @dataclass
@@ -119,3 +125,48 @@ def fresh_database_url(services: Services) -> Iterator[str]:
     _blocking(lambda: create_database(server, name))
     yield with_database(server, name)
     _blocking(lambda: drop_database(server, name))
+
+
+@dataclass
+class ProxiedServices:
+    """Services reached through two fault proxies (tests/faultproxy.py): ``endpoints`` name the
+    proxies, so ``broker_proxy``/``postgres_proxy`` can refuse, hang, slow or cut every
+    connection a node makes. The broker is one of this test's own, listening on a port of its
+    own and advertising the proxy's (clients reconnect to the advertised address after
+    bootstrapping, so a proxy on the bootstrap address alone would be bypassed).
+    ``direct_database_url`` reaches the same database around its proxy, for checks."""
+
+    endpoints: Endpoints
+    direct_database_url: str
+    broker_proxy: FaultProxy
+    postgres_proxy: FaultProxy
+    broker: EmbeddedBroker
+    postgres: EmbeddedPostgres | ContainerServer
+
+
+@pytest.fixture
+def proxied_services(services: Services, fresh_database_url: str,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedServices]:
+    if services.source is not ServiceSource.EMBEDDED or not isinstance(
+            services.postgres, EmbeddedPostgres):
+        pytest.skip("proxied services run on the embedded source only: the proxied broker "
+                    "must advertise the proxy's port, which the container broker "
+                    f"(tests/containers.py) and external services do not ({services.source})")
+    parts = urlsplit(fresh_database_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    broker_port = free_port()
+    with FaultProxy(upstream=("127.0.0.1", broker_port), name="broker") as broker_proxy, \
+            FaultProxy(upstream=(host, port), name="postgres") as postgres_proxy:
+        log = tmp_path_factory.mktemp("proxied-broker") / "broker.log"
+        broker = EmbeddedBroker(log, broker_port, advertised_port=broker_proxy.listen_port)
+        broker.start()
+        try:
+            user, at, _ = parts.netloc.rpartition("@")
+            proxied_url = urlunsplit(parts._replace(
+                netloc=f"{user}{at}127.0.0.1:{postgres_proxy.listen_port}"))
+            yield ProxiedServices(
+                endpoints=Endpoints(proxied_url, broker.bootstrap_servers),
+                direct_database_url=fresh_database_url, broker_proxy=broker_proxy,
+                postgres_proxy=postgres_proxy, broker=broker, postgres=services.postgres)
+        finally:
+            broker.stop()

@@ -235,6 +235,12 @@ def decode(raw: bytes) -> Envelope:
     return _ENVELOPE.validate_json(raw)
 
 
+def storable(text: str, limit: int) -> str:
+    """``text`` as PostgreSQL can store it in a text field: NUL escaped, cut to ``limit``
+    characters. For reasons that quote what an effect or a database said."""
+    return text.replace("\x00", "\\x00")[:limit]
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

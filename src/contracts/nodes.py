@@ -119,12 +119,16 @@ class RetryPolicy(Frozen):
     initial_backoff_ms: int = Field(default=100, ge=0)
     max_backoff_ms: int = Field(default=10_000, ge=0)
     multiplier: float = Field(default=2.0, ge=1.0, le=10.0)
+    # Each wait is drawn from [(1 - jitter) * w, w], so replicas that failed together do not
+    # retry in lock-step.
+    jitter: float = Field(default=0.5, ge=0.0, le=1.0)
 
     def backoff_ms(self, attempt: int) -> float:
-        """The wait before retry number ``attempt`` (1-based), capped."""
-        return float(
-            min(self.max_backoff_ms, self.initial_backoff_ms * self.multiplier ** (attempt - 1))
-        )
+        """The longest wait before retry number ``attempt`` (1-based), capped. Any attempt
+        number is fine: the exponent stops growing once the cap is reached."""
+        exponent = min(max(0, attempt - 1), 64)  # 10.0 ** 64 is still a float
+        wait = self.initial_backoff_ms * self.multiplier**exponent
+        return float(min(self.max_backoff_ms, wait))
 
 
 class CircuitBreakerPolicy(Frozen):
@@ -147,6 +151,11 @@ class IoPolicy(Frozen):
     device: Literal["auto", "cuda", "cpu"] | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
     vram_budget_mb: int | None = Field(default=None, ge=1)
+    max_loaded_pipelines: int | None = Field(default=None, ge=1, le=64)  # LRU of loaded models
+    # what one generation request may cost (None: no cap); the orchestrator admits by these too
+    max_pixel_steps: int | None = Field(default=None, ge=1)  # width * height * steps
+    max_side: int | None = Field(default=None, ge=16)
+    max_steps: int | None = Field(default=None, ge=1)
 
 
 class Thresholds(Frozen):

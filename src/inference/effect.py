@@ -3,13 +3,21 @@
 Requests are collected by an asyncio dynamic batcher (up to ``batching.max_batch_size``
 compatible requests, waiting at most ``batching.max_batch_wait_ms``) and run by the
 :class:`InferenceEngine` on a single worker thread. Each request has its own timeout
-(``timeout_ms``); transient failures are retried with backoff behind a circuit breaker.
-A generated PNG is stored content-addressed and stamped; the outcome carries its URI.
+(``timeout_ms``): past it, the request fails with ``timeout`` and its pipeline call stops at
+the next step unless other requests in the same call are still live. Transient failures are
+retried with backoff behind a circuit breaker. A generated PNG is stored content-addressed and
+stamped; the outcome carries its URI.
+
+The contract bounds the cost: a request over ``max_pixel_steps``/``max_side``/``max_steps``
+fails with ``over_budget`` (the orchestrator refuses it at admission too), a model name that
+is not registered with ``unknown_model``, and ``vram_budget_mb`` and ``max_loaded_pipelines``
+configure the registry (``over_vram_budget`` for what can never fit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +40,7 @@ from inference.engine import (
 from inference.errors import InferenceError, TransientInferenceError
 from inference.registry import ModelRegistry
 from nodes.fsm import Workflow
-from nodes.orchestrator.core import EffectFailed, GenerationSucceeded, Outcome
+from nodes.orchestrator.core import EffectFailed, GenerationBudget, GenerationSucceeded, Outcome
 from nodes.stamping import StampError, StampingNode
 from stampflow.resilience import CircuitBreaker, CircuitOpen, retry
 
@@ -61,7 +69,12 @@ class InferenceEffectNode:
         self.artifacts = artifacts
         self.stamping = stamping
         self.io_policy = io_policy
+        if io_policy.max_loaded_pipelines is not None:
+            registry.max_loaded = io_policy.max_loaded_pipelines
+        if io_policy.vram_budget_mb is not None:
+            registry.vram_budget_bytes = io_policy.vram_budget_mb * 2**20
         self.engine = engine or InferenceEngine(registry)
+        self.budget = GenerationBudget.from_policy(io_policy)
         self.max_pixels = max_pixels
         self.default_namespace = default_namespace
         self.clock = clock
@@ -77,6 +90,9 @@ class InferenceEffectNode:
     ) -> Outcome:
         try:
             validate_size(request.width, request.height, SIZE_MULTIPLE, self.max_pixels)
+            refusal = self.budget.refusal(request)
+            if refusal is not None:
+                return EffectFailed("over_budget", refusal, self.clock())
             self.registry.resolve(request.model)
         except InferenceError as err:
             return EffectFailed(err.code, str(err), self.clock())
@@ -120,8 +136,14 @@ class InferenceEffectNode:
             self._batcher = asyncio.create_task(self._batch_loop(self._queue),
                                                 name="inference-batcher")
         future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((replace(job, enqueued_at=time.monotonic()), future))
-        result = await future
+        cancel = threading.Event()  # the worker stops this job's call between steps once set
+        self._queue.put_nowait((replace(job, enqueued_at=time.monotonic(), cancel=cancel),
+                                future))
+        try:
+            result = await future
+        except asyncio.CancelledError:  # the request timed out (or the node is stopping)
+            cancel.set()
+            raise
         if isinstance(result, GeneratedImage):
             return result
         if result.transient:

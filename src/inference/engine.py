@@ -2,8 +2,16 @@
 
 Compatible jobs (same model, size, steps, guidance, true CFG, negative-prompt-or-not) share a
 pipeline call; each item keeps its own ``torch.Generator(device).manual_seed(seed)``, so a
-batched item equals the same item run alone (to float rounding). A CUDA out-of-memory error
-splits the batch in halves and retries; only an item that cannot fit alone fails.
+batched item equals the same item run alone (to float rounding). With a VRAM budget, a group
+is cut into calls of as many images as the estimate lets fit beside the weights; a size of
+which not even one image fits fails with ``over_vram_budget``. A CUDA out-of-memory error
+still splits the batch in halves and retries; only an item that cannot fit alone fails.
+
+Deadlines are checked between denoising steps (``callback_on_step_end``): a call stops as soon
+as *every* item in it is past its deadline or cancelled, and those items fail with
+``timeout``. An item that expires while others in its call are still live rides along to the
+end of the call (its caller has already given up on it); stopping it alone would mean
+re-running the others from the first step.
 
 :meth:`InferenceEngine.run` blocks: call it from a worker thread, never on the event loop.
 """
@@ -12,11 +20,13 @@ from __future__ import annotations
 
 import inspect
 import io
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from inference.budget import batch_capacity, estimate_footprint, mib
 from inference.errors import InferenceError, InvalidRequest, TransientInferenceError
 from inference.registry import LoadedPipeline, ModelRegistry
 
@@ -39,6 +49,12 @@ class GenerationJob:
     deadline: float | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     key_id: str = ""  # the caller's handle (e.g. the workflow id), carried through untouched
+    cancel: threading.Event | None = field(default=None, compare=False)  # set: caller gave up
+
+    def expired(self, now: float) -> bool:
+        """Past its deadline at ``now``, or cancelled by its caller."""
+        return ((self.deadline is not None and self.deadline <= now)
+                or (self.cancel is not None and self.cancel.is_set()))
 
 
 class BatchKey(NamedTuple):
@@ -117,6 +133,12 @@ class ItemFailed:
 
 ItemResult = GeneratedImage | ItemFailed
 
+CLIP_TOKENS = 77  # text tokens of pipelines without max_sequence_length
+
+
+class _Stopped(Exception):
+    """Raised from the step callback to leave a pipeline call whose items all expired."""
+
 
 @dataclass(frozen=True, slots=True)
 class TokenCount:
@@ -147,6 +169,7 @@ class InferenceEngine:
         self.keep_arrays = keep_arrays
         self.clock = clock
         self.calls: list[int] = []  # the batch size of every pipeline call made, in order
+        self.steps_run: list[int] = []  # the denoising steps each of those calls ran
 
     def run(self, jobs: Sequence[GenerationJob]) -> list[ItemResult]:
         """Run one compatible group (see :func:`group_jobs`); one result per job, in order."""
@@ -156,11 +179,8 @@ class InferenceEngine:
         if len(keys) != 1:
             raise ValueError(f"jobs of {len(keys)} different batch keys cannot share a call")
         started = self.clock()
-        live = [job for job in jobs if job.deadline is None or job.deadline > started]
-        results: dict[int, ItemResult] = {
-            id(job): ItemFailed(job, "timeout", "deadline passed before inference started")
-            for job in jobs if not any(job is other for other in live)
-        }
+        results: dict[int, ItemResult] = {}
+        live = _drop_expired(jobs, started, results)
         if live:
             try:
                 loaded = self.registry.load(live[0].model)
@@ -168,8 +188,41 @@ class InferenceEngine:
                 for job in live:
                     results[id(job)] = ItemFailed(job, err.code, str(err), err.transient)
             else:
-                for result in self._run_splitting(loaded, live, started):
+                for result in self._run_within_budget(loaded, live, started):
                     results[id(result.job)] = result
+        return [results[id(job)] for job in jobs]
+
+    def image_bytes(self, loaded: LoadedPipeline, width: int, height: int) -> int | None:
+        """Estimated activation memory of one image on ``loaded``; None when unknown."""
+        if loaded.shape is None:
+            return None
+        params = _call_parameters(loaded.pipeline)
+        tokens = self.max_sequence_length if "max_sequence_length" in params else CLIP_TOKENS
+        footprint = estimate_footprint(loaded.shape, loaded.dtype, text_tokens=tokens)
+        return footprint.image_bytes(width, height)
+
+    def _run_within_budget(
+        self, loaded: LoadedPipeline, jobs: list[GenerationJob], started: float
+    ) -> list[ItemResult]:
+        """Cut ``jobs`` into calls that fit the VRAM budget; refuse a size that never fits."""
+        first = jobs[0]
+        budget = self.registry.vram_budget_bytes
+        image = self.image_bytes(loaded, first.width, first.height)
+        resident = self.registry.resident_bytes()
+        capacity = batch_capacity(budget, resident, image) if image is not None else None
+        if capacity == 0:
+            reason = (f"{first.width}x{first.height}: one image needs about {mib(image or 0)} "
+                      f"of activations beside {mib(resident)} of weights, over the VRAM "
+                      f"budget of {mib(budget or 0)}")
+            return [ItemFailed(job, "over_vram_budget", reason) for job in jobs]
+        size = capacity or len(jobs)
+        results: dict[int, ItemResult] = {}
+        for i in range(0, len(jobs), size):
+            chunk = jobs[i:i + size]
+            if i:  # a later call: what expired while the earlier ones ran is not started
+                chunk = _drop_expired(chunk, self.clock(), results)
+            for result in self._run_splitting(loaded, chunk, started) if chunk else []:
+                results[id(result.job)] = result
         return [results[id(job)] for job in jobs]
 
     def _run_splitting(
@@ -220,12 +273,29 @@ class InferenceEngine:
             kwargs["max_sequence_length"] = self.max_sequence_length
         if acts:
             kwargs["negative_prompt"] = [job.negative_prompt or "" for job in jobs]
+        steps = [0]  # steps finished, counted by the callback
+        watched = "callback_on_step_end" in params
+        if watched:
+            def on_step_end(_pipe: Any, step: int, _t: Any, _tensors: Any) -> dict[str, Any]:
+                steps[0] = step + 1
+                now = self.clock()
+                if all(job.expired(now) for job in jobs):
+                    raise _Stopped
+                return {}
+
+            kwargs["callback_on_step_end"] = on_step_end
         t0 = self.clock()
         try:
             with torch.inference_mode():
                 output = pipe(**kwargs)
         except torch.cuda.OutOfMemoryError:
             raise
+        except _Stopped:
+            self.calls.append(len(jobs))
+            self.steps_run.append(steps[0])
+            reason = (f"deadline passed: the pipeline call was stopped after {steps[0]} of "
+                      f"{first.num_inference_steps} steps")
+            return [ItemFailed(job, "timeout", reason) for job in jobs]
         except (ValueError, TypeError) as err:
             raise InvalidRequest(
                 f"model {first.model!r}: pipeline refused the request: {_one_line(err)}"
@@ -236,6 +306,7 @@ class InferenceEngine:
             ) from err
         inference_ms = (self.clock() - t0) * 1000.0
         self.calls.append(len(jobs))
+        self.steps_run.append(steps[0] if watched else first.num_inference_steps)
         images = np.asarray(output.images, dtype=np.float32)
         results: list[ItemResult] = []
         for job, count, image in zip(jobs, counts, images, strict=True):
@@ -255,6 +326,20 @@ class InferenceEngine:
 
     def _sequence_limit(self, params: frozenset[str]) -> int | None:
         return self.max_sequence_length if "max_sequence_length" in params else None
+
+
+def _drop_expired(
+    jobs: Sequence[GenerationJob], now: float, results: dict[int, ItemResult]
+) -> list[GenerationJob]:
+    """The jobs still live at ``now``; each expired one gets its timeout in ``results``."""
+    live: list[GenerationJob] = []
+    for job in jobs:
+        if job.expired(now):
+            results[id(job)] = ItemFailed(job, "timeout",
+                                          "deadline passed before inference started")
+        else:
+            live.append(job)
+    return live
 
 
 def negative_prompt_acts(job: GenerationJob, has_true_cfg: bool) -> bool:

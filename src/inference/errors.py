@@ -18,6 +18,18 @@ class ModelNotFound(InferenceError):
     code = "model_not_found"
 
 
+class UnknownModel(ModelNotFound):
+    """A request named a model that is not registered (a folder or repo id is never taken)."""
+
+    code = "unknown_model"
+
+
+class OverVramBudget(InferenceError):
+    """The model's weights, or one image's activations beside them, exceed the VRAM budget."""
+
+    code = "over_vram_budget"
+
+
 class InvalidRequest(InferenceError):
     code = "invalid_request"
 

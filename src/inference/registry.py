@@ -1,20 +1,33 @@
 """Model names → local pipelines. Nothing is downloaded: a model is a local folder or a
-Hugging Face repo id already in the local HF cache (``local_files_only=True``)."""
+Hugging Face repo id already in the local HF cache (``local_files_only=True``).
+
+A request names a *registered* model (the built-ins and ``STAMPFLOW_MODELS``), never a folder
+or a repo id. Loaded pipelines are cached by what a name resolves to (the canonical folder), so
+two names for one model load it once, in an LRU of at most ``max_loaded`` pipelines; an evicted
+pipeline is released (and the CUDA cache emptied). With a VRAM budget, a model whose weights
+cannot fit is never loaded (see :mod:`inference.budget`).
+"""
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from inference.budget import ModelShape, estimate_footprint, mib, read_model_shape
 from inference.errors import (
     InferenceError,
     ModelNotFound,
+    OverVramBudget,
     TransientInferenceError,
+    UnknownModel,
     UnsupportedConfiguration,
 )
 
@@ -37,11 +50,20 @@ class ModelSpec:
     quantization: Quantization | None = None
 
 
+# What a loaded pipeline is cached by: canonical folder, pipeline class, quantisation.
+ModelKey = tuple[str, str, str | None]
+NF4_COMPONENTS = ("transformer", "text_encoder_2")
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
     name: str
     path: Path
     spec: ModelSpec
+
+    @property
+    def key(self) -> ModelKey:
+        return (os.path.realpath(self.path), self.spec.pipeline_class, self.spec.quantization)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +74,8 @@ class LoadedPipeline:
     path: Path
     device: str
     dtype: str
+    weights_bytes: int = 0  # on CUDA measured after loading, else estimated from the files
+    shape: ModelShape | None = None  # what the activation estimate needs
 
 
 def resolve_device(policy: DevicePolicy | None, cuda_available: bool) -> str:
@@ -83,10 +107,11 @@ def _pipeline_type(name: str) -> Any:
 
 
 class ModelRegistry:
-    """Resolves and loads pipelines, caching each loaded one by name.
+    """Resolves registered names and loads pipelines into a bounded LRU cache.
 
-    ``models`` maps names to :class:`ModelSpec`, a folder or a repo id. A name not in the
-    mapping is tried as a folder path, then as a repo id (``owner/name``).
+    ``models`` maps names to :class:`ModelSpec`, a folder or a repo id; only those names (and
+    the built-ins) resolve. ``max_loaded`` pipelines stay loaded at most (1 by default: one FLUX
+    fills a GPU). ``vram_budget_bytes`` caps the estimated weights of the loaded pipelines.
     """
 
     def __init__(
@@ -96,31 +121,37 @@ class ModelRegistry:
         device: DevicePolicy | None = "auto",
         dtype: DtypePolicy | None = "auto",
         cache_dir: Path | None = None,
+        max_loaded: int = 1,
+        vram_budget_bytes: int | None = None,
     ) -> None:
         merged: dict[str, ModelSpec | str | Path] = {**DEFAULT_MODELS, **(models or {})}
         self.models: dict[str, ModelSpec] = {
             name: spec if isinstance(spec, ModelSpec) else ModelSpec(str(spec))
             for name, spec in merged.items()
         }
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded {max_loaded} is not at least 1")
         self.device_policy = device
         self.dtype_policy = dtype
         self.cache_dir = cache_dir
-        self._loaded: dict[str, LoadedPipeline] = {}
+        self.max_loaded = max_loaded
+        self.vram_budget_bytes = vram_budget_bytes
+        self.loads: list[str] = []  # the canonical folder of every load from disk, in order
+        self._loaded: OrderedDict[ModelKey, LoadedPipeline] = OrderedDict()
         self._lock = threading.Lock()
 
     def register(self, name: str, spec: ModelSpec | str | Path) -> None:
         self.models[name] = spec if isinstance(spec, ModelSpec) else ModelSpec(str(spec))
-        self._loaded.pop(name, None)
 
     def spec_for(self, name: str) -> ModelSpec:
         spec = self.models.get(name)
         if spec is not None:
             return spec
-        if Path(name).exists() or "/" in name:
-            return ModelSpec(name)
-        raise ModelNotFound(
-            f"model {name!r}: not registered (known: {', '.join(sorted(self.models))}) "
-            "and not a folder or repo id"
+        known = sorted(self.models)
+        shown = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+        raise UnknownModel(
+            f"model {_shown(name)}: not registered (a request names a registered model, never "
+            f"a folder or repo id; registered: {shown})"
         )
 
     def resolve(self, name: str) -> ResolvedModel:
@@ -152,27 +183,60 @@ class ModelRegistry:
         return Path(path)
 
     def load(self, name: str) -> LoadedPipeline:
-        """Load (once) and return the pipeline for ``name`` on the policy's device and dtype."""
+        """The pipeline for ``name`` on the policy's device and dtype, loaded once per model.
+
+        Raises :class:`OverVramBudget` (before loading anything) when the model's estimated
+        weights exceed the budget; evicts the least recently used pipelines to make room.
+        """
+        import torch
+
         with self._lock:
-            cached = self._loaded.get(name)
+            model = self.resolve(name)
+            cached = self._loaded.get(model.key)
             if cached is not None:
+                self._loaded.move_to_end(model.key)
                 return cached
-            loaded = self._load(self.resolve(name))
-            self._loaded[name] = loaded
+            device = resolve_device(self.device_policy, torch.cuda.is_available())
+            dtype = resolve_dtype(self.dtype_policy, device)
+            shape = read_model_shape(model.path, model.spec.pipeline_class)
+            quantized = NF4_COMPONENTS if model.spec.quantization == "nf4" else ()
+            weights = estimate_footprint(shape, dtype, quantized=quantized).weights_bytes
+            budget = self.vram_budget_bytes
+            if budget is not None and weights > budget:
+                raise OverVramBudget(
+                    f"model {model.name!r}: its weights need about {mib(weights)} ({weights} "
+                    f"bytes of weights at {dtype}), over the VRAM budget of {mib(budget)} "
+                    f"({budget} bytes); not loaded"
+                )
+            while self._loaded and (len(self._loaded) >= self.max_loaded or (
+                    budget is not None and self.resident_bytes() + weights > budget)):
+                self._evict(next(iter(self._loaded)))
+            loaded = self._load(model, device, dtype, shape, weights)
+            self._loaded[model.key] = loaded
+            self.loads.append(model.key[0])
             return loaded
 
     def loaded(self) -> list[str]:
-        return sorted(self._loaded)
+        """The canonical folders of the loaded pipelines."""
+        return sorted(key[0] for key in self._loaded)
 
-    def _load(self, model: ResolvedModel) -> LoadedPipeline:
+    def resident_bytes(self) -> int:
+        """Device memory held by the loaded pipelines' weights (measured or estimated)."""
+        return sum(loaded.weights_bytes for loaded in self._loaded.values())
+
+    def _evict(self, key: ModelKey) -> None:
+        device = self._loaded.pop(key).device
+        _release(device)
+
+    def _load(self, model: ResolvedModel, device: str, dtype: str, shape: ModelShape,
+              weights: int) -> LoadedPipeline:
         import torch
         from diffusers.utils import logging as diffusers_logging
 
         # A service logs structured lines; the per-component loading bar is noise there.
         diffusers_logging.disable_progress_bar()
-        device = resolve_device(self.device_policy, torch.cuda.is_available())
-        dtype = resolve_dtype(self.dtype_policy, device)
         cls = _pipeline_type(model.spec.pipeline_class)
+        before = torch.cuda.memory_allocated() if device == "cuda" else 0
         kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "local_files_only": True}
         if model.spec.quantization == "nf4":
             kwargs["quantization_config"] = _nf4_config(model.name, device)
@@ -191,8 +255,31 @@ class ModelRegistry:
             ) from err
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        if device == "cuda":  # the estimate was a guess: hold the model to what it takes
+            weights = torch.cuda.memory_allocated() - before
+            budget = self.vram_budget_bytes
+            if budget is not None and weights > budget:
+                del pipe
+                _release(device)
+                raise OverVramBudget(
+                    f"model {model.name!r}: loaded, it took {mib(weights)} of CUDA memory, "
+                    f"over the VRAM budget of {mib(budget)}; unloaded"
+                )
         return LoadedPipeline(model.name, pipe, model.spec.pipeline_class, model.path,
-                              device, dtype)
+                              device, dtype, weights, shape)
+
+
+def _release(device: str) -> None:
+    """Free what dropped pipelines held: collect their cycles, then CUDA's cached blocks."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _shown(name: str) -> str:
+    return repr(name[:80]) + ("..." if len(name) > 80 else "")
 
 
 def _nf4_config(name: str, device: str) -> Any:

@@ -19,21 +19,51 @@ def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
 
+# What a Kafka producer sends by default at most (max_request_size), and what a broker takes
+# by default (message.max.bytes is a little more).
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_KEY_BYTES = 1024
+MAX_ERROR_CHARS = 2000
+# Room for the record's own framing (offsets, timestamps, headers, batch header).
+RECORD_OVERHEAD_BYTES = 512
+
+
 def dead_letter(
     *, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-    error: str, node: str, at: datetime,
+    error: str, node: str, at: datetime, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> bytes:
+    """The dead-letter document, never over ``max_bytes`` with its key.
+
+    A record of about 0.8 MiB or more does not fit once in base64 inside JSON: the letter then
+    keeps a bounded copy of the first bytes and says so (``value_truncated``, ``value_size``).
+    The key is cut the same way (:func:`dead_letter_key`).
+    """
+    value = value or b""
     doc: dict[str, Any] = {
         "topic": topic,
         "partition": partition,
         "offset": offset,
-        "key": base64.b64encode(key).decode() if key else None,
-        "value": base64.b64encode(value or b"").decode(),
-        "error": error,
+        "key": base64.b64encode(dead_letter_key(key)).decode() if key else None,
+        "value": "",
+        "error": _escape(error)[:MAX_ERROR_CHARS],
         "failed_at": at.isoformat(),
         "node": node,
+        "value_size": len(value),
+        "value_truncated": False,
+        "key_truncated": bool(key) and len(key or b"") > MAX_KEY_BYTES,
     }
+    fixed = len(json.dumps(doc).encode()) + len(dead_letter_key(key)) + RECORD_OVERHEAD_BYTES
+    room = max(0, (max_bytes - fixed) // 4 * 3)  # base64: 4 characters per 3 bytes
+    if len(value) > room:
+        value = value[:room]
+        doc["value_truncated"] = True
+    doc["value"] = base64.b64encode(value).decode()
     return json.dumps(doc).encode()
+
+
+def dead_letter_key(key: bytes | None) -> bytes:
+    """The Kafka key of a dead letter: the original key, cut to :data:`MAX_KEY_BYTES`."""
+    return (key or b"")[:MAX_KEY_BYTES]
 
 
 def parse_dead_letter(raw: bytes) -> dict[str, Any]:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterable, Sequence
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 
-from contracts.nodes import IoPolicy, NodeContract, load_contracts
+from contracts.nodes import IoPolicy, NodeContract, RetryPolicy, load_contracts
 from inference import ArtifactStore, InferenceEffectNode, ModelRegistry
 from nodes.orchestrator.core import Limits, OrchestratorCore
 from nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
@@ -21,18 +25,21 @@ from nodes.reducer.runner import Reducer, ReducerConfig
 from nodes.reducer.store import ReducerStore
 from nodes.stamping import StampingNode
 from stampflow.bus import ensure_topics, make_consumer, make_producer
+from stampflow.errors import ServiceUnavailable
 from stampflow.migrate import migrate
-from stampflow.observability import HealthServer
+from stampflow.observability import HealthServer, redact
+from stampflow.resilience import Backoff, sleep_unless
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
 log = structlog.get_logger("stampflow.app")
 
 NODE_NAMES = ("orchestrator", "reducer")
+T = TypeVar("T")
 
 
 class KafkaPublisher:
-    """:class:`~nodes.orchestrator.runner.EventPublisher` over an aiokafka producer."""
+    """:class:`~nodes.publishing.EventPublisher` over an aiokafka producer."""
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
@@ -42,11 +49,23 @@ class KafkaPublisher:
         await delivery
 
     async def send_many(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-        # Sent in order, awaited together: one partition keeps the order they were sent in.
-        deliveries = [
-            await self._producer.send(topic, value=value, key=key) for key, value in messages
-        ]
-        await asyncio.gather(*deliveries)
+        """Sent in order, awaited together: one partition keeps the order they were sent in.
+        If one cannot even be queued (too large), the ones queued before it are still awaited,
+        then that error is raised; otherwise the first delivery error is."""
+        deliveries: list[asyncio.Future[Any]] = []
+        refused: KafkaError | None = None
+        for key, value in messages:
+            try:
+                deliveries.append(await self._producer.send(topic, value=value, key=key))
+            except KafkaError as err:
+                refused = err
+                break
+        results = await asyncio.gather(*deliveries, return_exceptions=True)
+        if refused is not None:
+            raise refused
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
 
 @dataclass
@@ -66,6 +85,56 @@ async def prepare(settings: Settings, endpoints: Endpoints) -> None:
     topics += [settings.dlq_topic(t) for t in topics]
     await ensure_topics(endpoints.bootstrap_servers, topics, settings.topic_partitions)
     await migrate(endpoints.database_url)
+
+
+# A service that cannot be reached *yet*: a node started during an outage (or restarted in
+# one) waits for it instead of exiting.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    ServiceUnavailable, OSError, TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+)
+START_RETRY = RetryPolicy(initial_backoff_ms=250, max_backoff_ms=5000, multiplier=2.0)
+
+
+async def until_ready(what: str, call: Callable[[], Awaitable[T]],
+                      stop: asyncio.Event) -> T | None:
+    """``call()`` until it succeeds, waiting with a jittered backoff while its service is
+    unreachable; None if ``stop`` is set first. Other errors (a bad contract, a migration
+    that does not apply) are raised: waiting would not fix them."""
+    backoff = Backoff(START_RETRY)
+    while not stop.is_set():
+        try:
+            return await call()
+        except UNREACHABLE as err:
+            wait = backoff.next_s()
+            log.warning(f"{what}: a service is unreachable; waiting", error=redact(str(err))
+                        or type(err).__name__, wait_s=round(wait, 2), throttle=True)
+        if await sleep_unless(stop, wait):
+            break
+    return None
+
+
+async def bounded(call: Awaitable[Any], what: str, seconds: float = 3.0) -> None:
+    """Await ``call`` for at most ``seconds`` while shutting down; a service that hangs must
+    not hold the process."""
+    try:
+        await asyncio.wait_for(call, seconds)
+    except Exception as err:  # noqa: BLE001 - shutting down: note it and go on
+        log.warning(f"{what} did not finish cleanly while stopping",
+                    error=redact(str(err)) or type(err).__name__)
+
+
+def exit_deadline(seconds: float) -> None:
+    """The last net under a stopping process: exit after ``seconds`` whatever is still
+    running. A daemon thread, so it fires even if the event loop is stuck."""
+
+    def fire() -> None:
+        log.error("still running after the stop deadline; exiting now", deadline_s=seconds)
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
 
 
 # The young generation is collected every GC_THRESHOLD container allocations. A node holds
@@ -98,11 +167,19 @@ async def run_nodes(
         raise ValueError(f"unknown node(s) {sorted(unknown)}; known: {', '.join(NODE_NAMES)}")
     contracts = contracts or load_contracts(settings.contracts_dir)
     running = running or RunningNodes()
-    await prepare(settings, endpoints)
+
+    async def prepared() -> bool:
+        await prepare(settings, endpoints)
+        return True
+
+    if not await until_ready("start-up", prepared, stop):
+        return running
     async with AsyncExitStack() as stack:
-        producer = make_producer(endpoints.bootstrap_servers)
-        await producer.start()
-        stack.push_async_callback(producer.stop)
+        producer = await until_ready("producer", lambda: _started_producer(settings, endpoints),
+                                     stop)
+        if producer is None:
+            return running
+        stack.push_async_callback(bounded, producer.stop(), "producer stop")
         publisher = KafkaPublisher(producer)
         tasks: list[asyncio.Task[None]] = []
         if "orchestrator" in nodes:
@@ -113,15 +190,20 @@ async def run_nodes(
             running.orchestrators.append(orchestrator)
             tasks.append(asyncio.create_task(orchestrator.run(stop), name="orchestrator"))
         if "reducer" in nodes:
-            pool = await asyncpg.create_pool(endpoints.database_url, min_size=1, max_size=4)
-            stack.push_async_callback(pool.close)
+            timeout_s = contracts["reducer"].io_policy.timeout_ms / 1000.0
+            pool = await until_ready("database pool", lambda: asyncpg.create_pool(
+                endpoints.database_url, min_size=1, max_size=4, timeout=10.0,
+                command_timeout=timeout_s), stop)
+            if pool is None:
+                return running
+            stack.push_async_callback(_close_pool, pool)
             reducer = build_reducer(settings, endpoints, contracts, publisher, pool)
             running.reducers.append(reducer)
             tasks.append(asyncio.create_task(reducer.run(stop), name="reducer"))
         health = HealthServer(running.ready, port=settings.http_port)
         await health.start()
         running.health = health
-        stack.push_async_callback(health.stop)
+        stack.push_async_callback(bounded, health.stop(), "health server stop")
         if settings.gc_tuning:
             tune_gc()
         log.info("nodes running", nodes=list(nodes), health_port=health.port)
@@ -133,6 +215,24 @@ async def run_nodes(
             for task in tasks:
                 task.cancel()
     return running
+
+
+async def _started_producer(settings: Settings, endpoints: Endpoints) -> AIOKafkaProducer:
+    producer = make_producer(endpoints.bootstrap_servers,
+                             max_request_size=settings.max_message_bytes)
+    try:
+        await producer.start()
+    except BaseException:
+        await bounded(producer.stop(), "producer stop")
+        raise
+    return producer
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), 3.0)
+    except Exception:  # noqa: BLE001 - a database that hangs: drop the connections
+        pool.terminate()
 
 
 def stamping_node(settings: Settings, contracts: dict[str, NodeContract]) -> StampingNode:
@@ -165,7 +265,7 @@ def build_orchestrator(
 ) -> Orchestrator:
     contract = contracts["orchestrator"]
     stamping = stamping_node(settings, contracts)
-    core = OrchestratorCore(contract, Limits(max_content_bytes=stamping.max_bytes))
+    core = OrchestratorCore(contract, Limits.from_contracts(contracts, stamping.max_bytes))
     group = f"{settings.consumer_group_prefix}-orchestrator"
 
     def consumer_factory(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
@@ -179,6 +279,10 @@ def build_orchestrator(
         config=OrchestratorConfig(
             requests_topic=settings.requests_topic, events_topic=settings.events_topic,
             max_in_flight=settings.max_in_flight, group_id=group,
+            # Inline content at its limit, in base64, plus the envelope: anything larger is
+            # not a request this node would accept, so it is not parsed at all.
+            max_record_bytes=stamping.max_bytes * 4 // 3 + 64 * 1024,
+            max_message_bytes=settings.max_message_bytes,
         ),
         consumer_factory=consumer_factory,
         publisher=publisher,
@@ -205,6 +309,8 @@ def build_reducer(
             events_topic=settings.events_topic, group_id=group,
             max_batch_size=settings.reducer_batch_max or batching.max_batch_size,
             max_batch_wait_ms=settings.reducer_batch_wait_ms or batching.max_batch_wait_ms,
+            apply_timeout_s=contract.io_policy.timeout_ms / 1000.0,
+            max_message_bytes=settings.max_message_bytes,
         ),
         consumer=consumer,
         store=ReducerStore(pool, fsms),

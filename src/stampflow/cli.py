@@ -188,11 +188,25 @@ def _expand(paths: list[Path]) -> Iterator[Path]:
 # --- running nodes -------------------------------------------------------------------------------
 
 
+EXIT_DEADLINE_S = 28.0
+
+
 @contextmanager
 def _signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set ``stop``. Every step of a node's way out is bounded; as a last
+    net, a process still alive ``EXIT_DEADLINE_S`` after the first signal exits anyway (its
+    unacknowledged work is uncommitted and will be redone)."""
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            from stampflow.app import exit_deadline
+
+            exit_deadline(EXIT_DEADLINE_S)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         yield
     finally:
@@ -299,7 +313,7 @@ def submit_generate(
     steps: Annotated[int, typer.Option(help="Inference steps.")] = 4,
     width: Annotated[int, typer.Option(help="A multiple of 16.")] = 512,
     height: Annotated[int, typer.Option(help="A multiple of 16.")] = 512,
-    model: Annotated[str, typer.Option(help="A name from STAMPFLOW_MODELS, a folder or a repo id.")]
+    model: Annotated[str, typer.Option(help="A registered name: built-in or from STAMPFLOW_MODELS.")]
     = "flux-schnell",
     negative_prompt: Annotated[str | None, typer.Option(help="Acts when --true-cfg > 1.")] = None,
     guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 0.0,

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -29,6 +30,65 @@ def _redact_processor(
     return event
 
 
+class Throttle:
+    """Lets one log line of a kind through per ``interval_s`` and counts the rest. Pure: the
+    clock is injected. A dead broker made aiokafka and the runners repeat the same warning
+    ten times a second (15,600 lines in five minutes); now each kind shows once per interval,
+    carrying how many like it were held back."""
+
+    def __init__(self, interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._kinds: dict[tuple[str, ...], tuple[float, int]] = {}
+
+    def admit(self, *kind: str) -> int | None:
+        """None: hold this line back. A number: log it, noting that many held back before."""
+        now = self._clock()
+        last = self._kinds.get(kind)
+        if last is not None and now - last[0] < self.interval_s:
+            self._kinds[kind] = (last[0], last[1] + 1)
+            return None
+        if len(self._kinds) > 10_000:  # kinds come from a fixed set of messages; stay bounded
+            self._kinds.clear()
+        self._kinds[kind] = (now, 0)
+        return last[1] if last is not None else 0
+
+
+THROTTLE = Throttle()
+_THROTTLED_LEVELS = frozenset({"warning", "error", "critical", "exception"})
+
+
+def _throttle_processor(
+    _: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # Only lines that ask for it (``throttle=True``): a dead letter or a refused request keeps
+    # its own line, since each names a different input.
+    if not event.pop("throttle", False) or method not in _THROTTLED_LEVELS:
+        return event
+    held = THROTTLE.admit("structlog", method, str(event.get("event", "")))
+    if held is None:
+        raise structlog.DropEvent
+    if held:
+        event["repeated"] = held
+    return event
+
+
+class _ThrottleFilter(logging.Filter):
+    """The same for standard-library loggers (aiokafka, asyncpg): keyed by the unformatted
+    message, so "Unable connect to node %s" is one kind whatever the node."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held = THROTTLE.admit(record.name, str(record.levelno), str(record.msg))
+        if held is None:
+            return False
+        if held:
+            record.msg = f"{record.msg} (and {held} more like this since it was last logged)"
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "json",
                       libraries: str = "WARNING") -> None:
     """JSON lines on stderr; the correlation id comes from bound context variables.
@@ -46,6 +106,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json",
         _redact_processor,
     ]
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ThrottleFilter())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info, renderer],
@@ -56,6 +117,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json",
     root.setLevel(logging.getLevelNamesMapping().get(libraries.upper(), logging.WARNING))
     structlog.configure(
         processors=[
+            _throttle_processor,
             *shared,
             structlog.processors.format_exc_info,
             renderer,

@@ -1,9 +1,20 @@
-"""Retries with exponential backoff behind a circuit breaker. The breaker reads an injected
-clock, so its logic is tested without sleeping."""
+"""Retries with capped, jittered exponential backoff behind a circuit breaker.
+
+- :class:`Backoff` is one caller's retry schedule: its own attempt count (never a count
+  shared between callers), a cap per wait, and jitter, so replicas that failed together do
+  not retry in lock-step.
+- :class:`CircuitBreaker` counts consecutive failures; once open it refuses calls until the
+  reset timeout passes, then lets exactly one trial call through (half-open).
+- :func:`sleep_unless` waits, but returns early when a stop event is set.
+
+The breaker and the backoff read an injected clock and random source, so their logic is
+tested without sleeping.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
@@ -26,6 +37,25 @@ class CircuitOpen(Exception):
         self.retry_in_s = retry_in_s
 
 
+class Backoff:
+    """The waits of one caller's retries: ``next_s()`` grows from the policy's first wait to
+    its cap and draws each wait from ``[(1 - jitter) * w, w]``. Never raises, however many
+    attempts (a shared failure count once overflowed ``multiplier ** attempt``)."""
+
+    def __init__(self, policy: RetryPolicy, rng: Callable[[], float] = random.random) -> None:
+        self.policy = policy
+        self.attempt = 0
+        self._rng = rng
+
+    def next_s(self) -> float:
+        self.attempt += 1
+        ceiling = self.policy.backoff_ms(self.attempt) / 1000.0
+        return ceiling * (1.0 - self.policy.jitter * self._rng())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
 class CircuitBreaker:
     def __init__(
         self, name: str, policy: CircuitBreakerPolicy,
@@ -37,29 +67,46 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._state = BreakerState.CLOSED
+        self._trial_since: float | None = None  # when the half-open trial call was let through
 
     @property
     def state(self) -> BreakerState:
         if self._state is BreakerState.OPEN and self._remaining() <= 0:
             self._state = BreakerState.HALF_OPEN
+            self._trial_since = None
         return self._state
 
     @property
     def failures(self) -> int:
-        """Consecutive failures so far (at least 1 once anything failed)."""
-        return max(1, self._failures)
+        """Consecutive failures so far."""
+        return self._failures
+
+    def _reset_s(self) -> float:
+        return self.policy.reset_timeout_ms / 1000.0
 
     def _remaining(self) -> float:
-        return self._opened_at + self.policy.reset_timeout_ms / 1000.0 - self._clock()
+        return self._opened_at + self._reset_s() - self._clock()
 
     def check(self) -> None:
-        """Raise :class:`CircuitOpen` when calls are refused right now."""
-        if self.state is BreakerState.OPEN:
+        """Raise :class:`CircuitOpen` when this call is refused right now.
+
+        Half-open, the first caller becomes the trial and every other caller is refused until
+        the trial reports :meth:`success` or :meth:`failure`. A trial that never reports (its
+        caller was cancelled) is replaced after one reset timeout.
+        """
+        state = self.state
+        if state is BreakerState.OPEN:
             raise CircuitOpen(self.name, self._remaining())
+        if state is BreakerState.HALF_OPEN:
+            now = self._clock()
+            if self._trial_since is not None and now - self._trial_since < self._reset_s():
+                raise CircuitOpen(self.name, self._trial_since + self._reset_s() - now)
+            self._trial_since = now
 
     def success(self) -> None:
         self._failures = 0
         self._state = BreakerState.CLOSED
+        self._trial_since = None
 
     def failure(self) -> None:
         self._failures += 1
@@ -68,6 +115,21 @@ class CircuitBreaker:
         ):
             self._state = BreakerState.OPEN
             self._opened_at = self._clock()
+            self._trial_since = None
+
+
+async def sleep_unless(stop: asyncio.Event | None, seconds: float) -> bool:
+    """Sleep ``seconds``; return True at once if ``stop`` is (or becomes) set."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return False
+    if stop.is_set():
+        return True
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=max(0.0, seconds))
+    except TimeoutError:
+        return False
+    return True
 
 
 async def retry(
@@ -82,6 +144,7 @@ async def retry(
 
     Only ``transient`` errors are retried. While the breaker is open, waiting replaces calling.
     """
+    backoff = Backoff(policy)
     attempt = 0
     while True:
         attempt += 1
@@ -97,7 +160,7 @@ async def retry(
             breaker.failure()
             if attempt >= policy.max_attempts:
                 raise
-            wait = policy.backoff_ms(attempt) / 1000.0
+            wait = backoff.next_s()
             if on_retry is not None:
                 on_retry(attempt, err, wait)
             await asyncio.sleep(wait)

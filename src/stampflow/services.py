@@ -494,26 +494,47 @@ def tansu_binary() -> Path:
 
 
 class EmbeddedBroker(_ServerProcess):
-    """The Tansu Kafka-protocol broker on 127.0.0.1. Data lives in memory: a restart empties it.
-    It stops on SIGINT at once (on SIGTERM it waits for clients to hang up).
+    """The Tansu Kafka-protocol broker on 127.0.0.1. Data lives in memory by default: a restart
+    empties it. It stops on SIGINT at once (on SIGTERM it waits for clients to hang up).
+
+    ``storage``: Tansu's storage engine URL. ``memory://tansu/`` (the default), or
+    ``s3://BUCKET/`` with ``storage_env`` naming the S3-API server and its credentials
+    (``AWS_ENDPOINT``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
+    ``AWS_ALLOW_HTTP=true`` for plain HTTP): topics, records and committed offsets then survive
+    kill -9 and a restart with the same ``cluster_id`` (tests/integration/test_fault_suite.py).
 
     Tansu lacks idempotent producers, transactions, a correct ListOffsets "latest",
     create_partitions, alter_configs and delete_records; see stampflow.bus.
+
+    ``advertised_port``: the port named in metadata, when clients must reach the broker through
+    something in front of it (a TCP proxy on 127.0.0.1, as the fault tests use). Clients
+    connect to the advertised address after bootstrapping, so that is ``bootstrap_servers``;
+    it must pass traffic while the broker starts. The broker itself listens on ``port``.
     """
 
     name = "the Kafka broker"
 
-    def __init__(self, log: Path, port: int = 0, *, cluster_id: str | None = None) -> None:
+    def __init__(self, log: Path, port: int = 0, *, cluster_id: str | None = None,
+                 advertised_port: int | None = None, storage: str = "memory://tansu/",
+                 storage_env: dict[str, str] | None = None) -> None:
         super().__init__(port)
         self.log = log
         self.cluster_id = cluster_id or f"stampflow-{uuid.uuid4().hex[:8]}"
+        self.advertised_port = advertised_port
+        self.storage = storage
+        self.storage_env = dict(storage_env or {})
+
+    @property
+    def persistent(self) -> bool:
+        """Whether its data outlives the process (any storage engine but memory)."""
+        return not self.storage.startswith("memory:")
 
     def __repr__(self) -> str:
         return f"EmbeddedBroker({self.bootstrap_servers})"
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"127.0.0.1:{self.advertised_port or self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
         """Start the broker and wait until it answers a metadata request."""
@@ -532,13 +553,15 @@ class EmbeddedBroker(_ServerProcess):
     def _start_once(self, binary: Path, timeout: float) -> None:
         started = time.monotonic()
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://{self.bootstrap_servers}"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
-                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--cluster-id", self.cluster_id, "--storage-engine", "memory://tansu/"],
+                [str(binary), "broker", "--listener-url", url,
+                 "--advertised-listener-url", advertised,
+                 "--cluster-id", self.cluster_id, "--storage-engine", self.storage],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)
+                start_new_session=True, env={**os.environ, **self.storage_env})
         proc = self._proc
         what = f"the Kafka broker (Tansu) at {self.bootstrap_servers}"
         if not _wait_until(lambda: proc.poll() is not None or _port_accepts(self.port), timeout,

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
 
     # Orchestrator
     max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    # The broker's limit on one record (Kafka's producer default). Producers are held to it,
+    # and a dead letter of a record near it keeps a bounded copy of the original bytes.
+    max_message_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=1024**3)
     # Reducer
     reducer_batch_max: int = Field(default=5000, ge=1, le=100_000)  # the contract's cap too
     reducer_batch_wait_ms: int = Field(default=200, ge=1, le=60_000)

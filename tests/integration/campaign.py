@@ -1,18 +1,25 @@
 """A seeded fault campaign over the real services: many mixed requests, node processes killed
 with SIGKILL at random moments, the broker frozen, PostgreSQL restarted, a second node joining
-a consumer group — then every result checked against ground truth computed from the requests.
+a consumer group, and outages through fault proxies (tests/faultproxy.py: a service refusing,
+hanging or flapping for minutes) — then every result checked against ground truth computed
+from the requests, and every node process found still running before the final SIGTERM.
 
-The CI-sized run is tests/integration/test_fault_suite.py. The long run is a command:
+The CI-sized runs are tests/integration/test_fault_suite.py and test_outages.py. The long run
+is a command:
 
     ./dev sh python -m tests.integration.campaign --requests 100000 --kills 30
+    ./dev sh python -m tests.integration.campaign --requests 20000 --kills 0 --freezes 0 \
+        --postgres-restarts 0 --outages all --outage-seconds 180
 
-which starts its own embedded services and writes bench/results/faults-<N>.{json,md}.
+which starts its own embedded services (behind fault proxies when outages are asked for) and
+writes bench/results/faults-<N>.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +46,8 @@ from nodes.deadletter import parse_dead_letter
 from stampflow.app import prepare
 from stampflow.client import Client
 from stampflow.services import Endpoints
+from tests.faultproxy import Fault as ProxyFault
+from tests.faultproxy import FaultProxy
 from tests.integration.stack import NodeProcess, read_topic, settings_for
 
 MAX_CONTENT = 64 * 1024  # the campaign's STAMPFLOW_MAX_CONTENT_BYTES: too_large is cheap to hit
@@ -50,6 +60,61 @@ class Server(Protocol):
     def freeze(self) -> None: ...
     def thaw(self) -> None: ...
     def restart(self, timeout: float = 30.0) -> None: ...
+    def kill(self) -> None: ...
+    def start(self, timeout: float = 30.0) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A service made unreachable through its fault proxy, in Toxiproxy's words: ``down``
+    (refused), ``timeout`` (hung: accepted, never answered), ``reset_peer``, ``latency``, or
+    ``flap`` (down for half of every ``period_s``, up for the other half)."""
+
+    target: str  # broker | postgres | both
+    fault: str  # a tests.faultproxy.Fault value, or "flap"
+    seconds: float
+    period_s: float = 4.0  # flap: one down-and-up cycle
+    ms: float = 0.0  # latency
+
+    def __post_init__(self) -> None:
+        if self.target not in ("broker", "postgres", "both"):
+            raise ValueError(f"outage target {self.target!r}: broker, postgres or both")
+        if self.fault != "flap":
+            ProxyFault(self.fault)  # raises for an unknown name
+
+    @property
+    def name(self) -> str:
+        if self.fault == "flap":
+            return f"{self.target} flapping every {self.period_s:g}s for {self.seconds:g}s"
+        return f"{self.target} {self.fault} {self.seconds:g}s"
+
+    @property
+    def stops_the_broker(self) -> bool:
+        return self.target in ("broker", "both") and self.fault != "latency"
+
+
+def standard_outages(seconds: float = 180.0, flap_s: float = 60.0) -> dict[str, Outage]:
+    """The named outages of the campaign (issue 11): each service refusing, the broker
+    hanging, both refusing at once, and both flapping every few seconds."""
+    return {
+        "broker-down": Outage("broker", "down", seconds),
+        "broker-timeout": Outage("broker", "timeout", seconds),
+        "postgres-down": Outage("postgres", "down", seconds),
+        "both-down": Outage("both", "down", seconds),
+        "flap": Outage("both", "flap", flap_s, period_s=4.0),
+    }
+
+
+@dataclass
+class Proxies:
+    """The fault proxies the campaign's endpoints go through (outages need them)."""
+
+    broker: FaultProxy
+    postgres: FaultProxy
+
+    def of(self, target: str) -> list[FaultProxy]:
+        return {"broker": [self.broker], "postgres": [self.postgres],
+                "both": [self.broker, self.postgres]}[target]
 
 
 @dataclass(frozen=True)
@@ -65,6 +130,15 @@ class Config:
     rate: float = 400.0  # requests published per second
     generation_share: float = 0.005  # of requests; 0 leaves torch out of the run
     drain_timeout_s: float = 600.0
+    # Outages through the fault proxies, one after another, each once this share of the
+    # requests is published (evenly spread by default): publishing pauses (and what was
+    # published is flushed) while the broker is out, so every request reaches the broker.
+    outages: tuple[Outage, ...] = ()
+    # A drain that makes no progress this long ends early: the checks then say what is missing.
+    stall_timeout_s: float = 300.0
+    # The broker SIGKILLed and started again: only for a broker whose data outlives it
+    # (EmbeddedBroker with S3 storage, see s3_server); a memory broker forgets everything.
+    broker_kills: int = 0
 
 
 # --- the requests and their ground truth ------------------------------------------------------
@@ -259,13 +333,28 @@ class Nodes:
         victim.kill()
         self.start(node)
 
-    def terminate_all(self) -> dict[str, int]:
-        codes = {}
+    def terminate_all(self, timeout: float = 60.0) -> tuple[dict[str, int], list[str]]:
+        """SIGTERM each node; its exit codes, and a failure for each that outlived
+        ``timeout`` (it is killed afterwards by ``kill_all``)."""
+        codes, failures = {}, []
         for node, procs in self.running.items():
             for i, proc in enumerate(procs):
-                code, _ = proc.terminate(60)
+                try:
+                    code, _ = proc.terminate(timeout)
+                except subprocess.TimeoutExpired:
+                    failures.append(f"{node}[{i}] (pid {proc.proc.pid}) still ran {timeout:g}s "
+                                    f"after SIGTERM: {_log_tail(proc.log_path)}")
+                    continue
                 codes[f"{node}[{i}]"] = code
-        return codes
+        return codes, failures
+
+    def dead(self) -> list[str]:
+        """Every node process of the run that exited by itself (the killed ones were replaced
+        and left this list), with its exit code and the end of its log."""
+        return [f"{node}[{i}] (pid {proc.proc.pid}) exited by itself with code "
+                f"{proc.proc.returncode}: {_log_tail(proc.log_path)}"
+                for node, procs in self.running.items() for i, proc in enumerate(procs)
+                if proc.proc.poll() is not None]
 
     def kill_all(self) -> None:
         for procs in self.running.values():
@@ -273,10 +362,21 @@ class Nodes:
                 proc.kill()
 
 
+def _log_tail(path: Path, chars: int = 1200) -> str:
+    try:
+        return "..." + path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return f"(no log at {path})"
+
+
 async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, broker: Server,
                        workdir: Path, *, tiny_model: Path | None = None,
-                       topic_prefix: str = "campaign") -> Report:
-    """Run the campaign against a database that holds nothing yet; return what was seen."""
+                       topic_prefix: str = "campaign", proxies: Proxies | None = None,
+                       ) -> Report:
+    """Run the campaign against a database that holds nothing yet; return what was seen.
+    Outages need ``proxies``, and ``endpoints`` that go through them."""
+    if cfg.outages and proxies is None:
+        raise ValueError("outages need proxies (and endpoints through them)")
     plan = make_plan(cfg)
     kinds = Counter(r.kind for r in plan.requests)
     report = Report(config=asdict(cfg), requests_by_kind=dict(kinds),
@@ -308,18 +408,31 @@ async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, brok
     nodes.start("reducer")
     rng = random.Random(cfg.seed + 1)
     t0 = time.monotonic()
+    gate = _Gate()
     try:
         await asyncio.sleep(3)  # the first members join their groups
-        submitted = asyncio.create_task(_submit(plan, settings, endpoints, cfg.rate))
-        await _inject_faults(cfg, rng, nodes, postgres, broker, report, t0)
+        submitted = asyncio.create_task(_submit(plan, settings, endpoints, cfg.rate, gate))
+        outages = asyncio.create_task(_inject_outages(cfg, proxies, gate, report, t0))
+        try:
+            await _inject_faults(cfg, rng, nodes, postgres, broker, report, t0)
+            await outages
+        finally:
+            outages.cancel()
+            for proxy in (proxies.broker, proxies.postgres) if proxies else ():
+                proxy.set(ProxyFault.OK)
         await submitted
         report.submit_s = submitted.result()
         drain_start = time.monotonic()
-        await _wait_terminal(endpoints.database_url, len(plan.workflows), cfg.drain_timeout_s,
-                             logs)
+        stalled = await _wait_terminal(endpoints.database_url, len(plan.workflows),
+                                       cfg.drain_timeout_s, logs, nodes, cfg.stall_timeout_s)
+        if stalled:
+            report.failures.append(stalled)
         report.drain_s = time.monotonic() - drain_start
         report.peak_rss_mb = nodes_peak_rss(nodes)
-        report.exit_codes = nodes.terminate_all()
+        # Every node outlived the faults: none exited by itself, or hung up for good.
+        report.failures += nodes.dead()
+        report.exit_codes, unterminated = nodes.terminate_all()
+        report.failures += unterminated
     finally:
         nodes.kill_all()
     report.total_s = time.monotonic() - t0
@@ -346,11 +459,57 @@ def _contracts_with_inference_timeout(workdir: Path, timeout_ms: int) -> Path:
     return out
 
 
-async def _submit(plan: Plan, settings: Any, endpoints: Endpoints, rate: float) -> float:
+class _Gate:
+    """Lets the outages pause publishing: ``pause()`` returns once everything published so far
+    is acknowledged by the broker, and nothing more is published until ``resume()``."""
+
+    def __init__(self) -> None:
+        self.published = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._paused = asyncio.Event()
+        self._progress = asyncio.Event()
+        self.done = False
+
+    async def pause(self, timeout: float = 120.0) -> None:
+        self._open.clear()
+        if not self.done:
+            await asyncio.wait_for(self._paused.wait(), timeout)
+
+    def resume(self) -> None:
+        self._paused.clear()
+        self._open.set()
+
+    async def reached(self, count: int) -> None:
+        while self.published < count and not self.done:
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def checkpoint(self, client: Client) -> None:
+        """Called by the submitter before each request."""
+        self.published += 1
+        self._progress.set()
+        if not self._open.is_set():
+            await client.flush()
+            self._paused.set()
+            await self._open.wait()
+
+    async def finish(self, client: Client) -> None:
+        await client.flush()
+        self.done = True
+        self._progress.set()
+        self._paused.set()
+
+
+async def _submit(plan: Plan, settings: Any, endpoints: Endpoints, rate: float,
+                  gate: _Gate | None = None) -> float:
     """Publish every request at about ``rate`` per second; return how long it took."""
+    gate = gate or _Gate()
     t0 = time.monotonic()
     async with Client(settings, endpoints, source="campaign") as client:
         for i, r in enumerate(plan.requests):
+            if i:
+                await gate.checkpoint(client)
             if r.raw is not None:
                 await client.publish_raw(r.raw, r.namespace.encode())
             elif r.generation is not None:
@@ -361,15 +520,44 @@ async def _submit(plan: Plan, settings: Any, endpoints: Endpoints, rate: float) 
             ahead = (i + 1) / rate - (time.monotonic() - t0)
             if ahead > 0:
                 await asyncio.sleep(ahead)
-        await client.flush()
+        await gate.finish(client)
     return time.monotonic() - t0
+
+
+async def _inject_outages(cfg: Config, proxies: Proxies | None, gate: _Gate, report: Report,
+                          t0: float) -> None:
+    """Each outage once its share of the requests is published. An outage that takes the
+    broker away first pauses publishing and flushes (a client cannot publish to a broker that
+    is gone either), then starts at once, while the orchestrator holds a backlog."""
+    if not cfg.outages or proxies is None:
+        return
+    for n, outage in enumerate(cfg.outages, start=1):
+        await gate.reached(cfg.requests * n // (len(cfg.outages) + 1))
+        if outage.stops_the_broker:
+            await gate.pause()
+        at = time.monotonic() - t0
+        try:
+            targets = proxies.of(outage.target)
+            if outage.fault == "flap":
+                for proxy in targets:
+                    proxy.flap(outage.period_s, outage.seconds)
+            else:
+                for proxy in targets:  # the proxy ends it on time even if this loop stalls
+                    proxy.set(outage.fault, ms=outage.ms, seconds=outage.seconds)
+            await asyncio.sleep(outage.seconds)
+            for proxy in targets:
+                proxy.set(ProxyFault.OK)
+        finally:
+            gate.resume()
+        report.faults.append(Fault(round(at, 2), outage.name))
 
 
 async def _inject_faults(cfg: Config, rng: random.Random, nodes: Nodes, postgres: Server,
                          broker: Server, report: Report, t0: float) -> None:
     """The faults, in a seeded random order, at random moments spread over the submission."""
     plan = ["kill -9"] * cfg.kills + ["freeze broker"] * cfg.freezes + ["restart postgres"] * \
-        cfg.postgres_restarts + (["second orchestrator"] if cfg.second_orchestrator else [])
+        cfg.postgres_restarts + (["second orchestrator"] if cfg.second_orchestrator else []) + \
+        ["broker kill -9"] * cfg.broker_kills
     rng.shuffle(plan)
     span = cfg.requests / cfg.rate - cfg.freezes * cfg.freeze_s
     gap_hi = max(0.6, 2 * span / max(1, len(plan)))  # mean gap: the span shared out
@@ -389,14 +577,24 @@ async def _inject_faults(cfg: Config, rng: random.Random, nodes: Nodes, postgres
             what = f"broker frozen {cfg.freeze_s:g}s"
         elif what == "restart postgres":
             await asyncio.to_thread(postgres.restart)
+        elif what == "broker kill -9":
+            t = time.monotonic()
+            await asyncio.to_thread(broker.kill)
+            await asyncio.to_thread(broker.start, 30.0)
+            what = f"broker kill -9 and restart ({time.monotonic() - t:.1f}s)"
         else:
             nodes.start("orchestrator")
         report.faults.append(Fault(round(at, 2), what))
 
 
-async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path) -> None:
+async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path,
+                         nodes: Nodes | None = None, stall_s: float | None = None) -> str:
+    """Wait until ``expected`` workflows are terminal. Returns "" then, or why it stopped
+    waiting early: no progress for ``stall_s`` (lost work never finishes), or a node process
+    gone by itself (nothing would finish its work). Raises after ``timeout``."""
     deadline = time.monotonic() + timeout
     last = -1
+    progress_at = time.monotonic()
     while True:
         try:
             conn = await asyncpg.connect(url)
@@ -408,7 +606,14 @@ async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path) ->
         except (OSError, asyncpg.PostgresError):
             done = last
         if done >= expected:
-            return
+            return ""
+        if done != last:
+            progress_at = time.monotonic()
+        if nodes is not None and (dead := nodes.dead()):
+            return f"drain stopped at {done} of {expected} workflows: {dead[0]}"
+        if stall_s is not None and time.monotonic() - progress_at > stall_s:
+            return (f"drain stalled at {done} of {expected} workflows terminal: no progress "
+                    f"for {stall_s:g}s")
         if time.monotonic() > deadline:
             tails = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
                             for p in sorted(logs.glob("*.log")))  # noqa: ASYNC240 (failing)
@@ -416,6 +621,68 @@ async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path) ->
                                  f" node logs in {logs}:{tails}")
         last = done
         await asyncio.sleep(0.5)
+
+
+def moto_server_command() -> list[str] | None:
+    """How to run moto's S3-API server (``pip install 'moto[server]'``): the program named by
+    $STAMPFLOW_TEST_MOTO_SERVER, ``moto_server`` beside this Python or on PATH, or moto
+    importable here. None when there is none."""
+    import importlib.util
+    import shutil
+
+    if explicit := os.environ.get("STAMPFLOW_TEST_MOTO_SERVER"):
+        return [explicit]
+    beside = Path(sys.executable).parent / "moto_server"
+    if beside.is_file():
+        return [str(beside)]
+    if found := shutil.which("moto_server"):
+        return [found]
+    if importlib.util.find_spec("moto") is not None:
+        return [sys.executable, "-m", "moto.server"]
+    return None
+
+
+@contextlib.contextmanager
+def s3_server(log: Path, bucket: str = "tansu") -> Iterator[dict[str, str]]:
+    """moto's S3-API server on 127.0.0.1 with ``bucket`` created; yields the environment that
+    points Tansu's S3 storage at it (``EmbeddedBroker(storage_env=...)``)."""
+    import socket
+    import urllib.request
+
+    from stampflow.services import free_port
+
+    command = moto_server_command()
+    if command is None:
+        raise RuntimeError("no moto server: pip install 'moto[server]', or name one in "
+                           "STAMPFLOW_TEST_MOTO_SERVER")
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start: {_log_tail(log)}") from None
+                time.sleep(0.1)
+        urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - loopback
+            f"http://127.0.0.1:{port}/{bucket}", method="PUT"), timeout=10).close()
+        yield {"AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true",
+               "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def nodes_peak_rss(nodes: Nodes) -> dict[str, float]:
@@ -553,7 +820,9 @@ def write_results(report: Report, out: Path) -> None:
         f"{doc['machine']['python']}. Embedded PostgreSQL and Tansu; nodes as processes.", "",
         f"Command: `./dev sh python -m tests.integration.campaign --requests {c['requests']} "
         f"--kills {c['kills']} --freezes {c['freezes']} --postgres-restarts "
-        f"{c['postgres_restarts']} --seed {c['seed']}`", "",
+        f"{c['postgres_restarts']} --seed {c['seed']}"
+        + (f" --outages ... ({', '.join(Outage(**o).name for o in c['outages'])})"
+           if c.get("outages") else "") + "`", "",
         "| measure | value |", "| --- | --- |",
         f"| requests published | {c['requests']} |",
         f"| by kind | {', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))} |",
@@ -588,20 +857,41 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--rate", type=float, default=400.0)
     p.add_argument("--generation-share", type=float, default=0.002)
+    p.add_argument("--outages", default="",
+                   help="comma-separated outages through fault proxies, in order: "
+                        f"{', '.join(standard_outages())}, or 'all'")
+    p.add_argument("--outage-seconds", type=float, default=180.0,
+                   help="how long each refusing or hanging outage lasts")
+    p.add_argument("--flap-seconds", type=float, default=60.0)
     p.add_argument("--out", type=Path, default=None,
                    help="results path without suffix (default bench/results/faults-<N>)")
     args = p.parse_args()
+    known = standard_outages(args.outage_seconds, args.flap_seconds)
+    names = list(known) if args.outages == "all" else [
+        n.strip() for n in args.outages.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"unknown outage(s) {unknown}; known: {', '.join(known)}")
     cfg = Config(requests=args.requests, seed=args.seed, kills=args.kills, rate=args.rate,
                  freezes=args.freezes, postgres_restarts=args.postgres_restarts,
-                 generation_share=args.generation_share, drain_timeout_s=3600)
+                 generation_share=args.generation_share, drain_timeout_s=3600,
+                 outages=tuple(known[n] for n in names))
     out = args.out or Path("bench/results") / f"faults-{args.requests}"
-    with tempfile.TemporaryDirectory(prefix="stampflow-campaign-") as tmp, \
-            EmbeddedServices(Path(tmp) / "services", fast=True) as svc:
-        work = Path(tmp) / "work"
-        work.mkdir()
-        model = make_tiny_flux(Path(tmp) / "tiny-flux") if cfg.generation_share else None
-        report = asyncio.run(run_campaign(cfg, svc.endpoints, svc.postgres, svc.broker, work,
-                                          tiny_model=model))
+    with tempfile.TemporaryDirectory(prefix="stampflow-campaign-") as tmp:
+        svc = EmbeddedServices(Path(tmp) / "services", fast=True)
+        # Behind fault proxies: the broker advertises its proxy's port, so clients that
+        # bootstrap through the proxy stay behind it.
+        with FaultProxy(upstream=("127.0.0.1", svc.broker.port), name="broker") as bp, \
+                FaultProxy(upstream=("127.0.0.1", svc.postgres.port), name="postgres") as pp:
+            svc.broker.advertised_port = bp.listen_port
+            with svc:
+                endpoints = Endpoints(svc.postgres.url().replace(
+                    f":{svc.postgres.port}/", f":{pp.listen_port}/"), svc.broker.bootstrap_servers)
+                work = Path(tmp) / "work"
+                work.mkdir()
+                model = make_tiny_flux(Path(tmp) / "tiny-flux") if cfg.generation_share else None
+                report = asyncio.run(run_campaign(cfg, endpoints, svc.postgres, svc.broker, work,
+                                                  tiny_model=model, proxies=Proxies(bp, pp)))
     write_results(report, out)
     print(out.with_suffix(".md").read_text())
     sys.exit(1 if report.failures else 0)

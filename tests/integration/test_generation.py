@@ -52,12 +52,17 @@ async def test_generation_requests_end_to_end(
                   await c.submit_generation("art", small("a red cat", seed=7))]  # same image
         await c.submit_generation("art", GenerationRequested(prompt="x", model="missing-model",
                                                              width=64, height=64))
+        # a folder is never a model name, even the registered model's own folder
+        await c.submit_generation("art", GenerationRequested(prompt="x", model=str(tiny_model),
+                                                             width=64, height=64))
+        over = await c.submit_generation("art", GenerationRequested(
+            prompt="x", model="tiny", width=2048, height=2048, num_inference_steps=4))
         bad = {"event_id": str(uuid4()), "event_type": "generation.requested",
                "namespace": "art", "correlation_id": str(uuid4()),
                "occurred_at": "2026-01-01T00:00:00Z", "source": "t",
                "payload": {"type": "generation.requested", "prompt": "p", "width": 500}}
         await c.publish_raw(json.dumps(bad).encode(), b"art")
-        await wait_for(lambda: _done(fresh_database_url, 5), 120, "5 generation workflows")
+        await wait_for(lambda: _done(fresh_database_url, 7), 120, "7 generation workflows")
     rows = await fetch(fresh_database_url,
                        "SELECT workflow_id, state, outcome, error_code, reason, hash "
                        "FROM workflows ORDER BY created_at")
@@ -67,11 +72,19 @@ async def test_generation_requests_end_to_end(
     assert done[0]["hash"] == done[2]["hash"]  # same seed and prompt: the same PNG
     assert done[0]["hash"] != done[1]["hash"]
     failed = sorted((r["error_code"], r["reason"]) for r in rows if r["state"] == "failed")
-    assert [code for code, _ in failed] == ["invalid_request", "model_not_found"]
+    assert [code for code, _ in failed] == ["invalid_request", "over_budget", "unknown_model",
+                                            "unknown_model"]
     assert "multiple of 16" in failed[0][1]
-    assert "missing-model" in failed[1][1]
+    assert "2048x2048 at 4 steps is 16777216 pixel-steps" in failed[1][1]
+    assert "'missing-model': not registered" in failed[2][1] + failed[3][1]
+    assert f"{str(tiny_model)!r}: not registered" in failed[2][1] + failed[3][1]
+    refused = await fetch(fresh_database_url,
+                          "SELECT array_agg(to_state ORDER BY seq) AS s FROM "
+                          "workflow_transitions WHERE workflow_id = $1",
+                          derive_id(over, "workflow"))
+    assert refused[0]["s"] == ["received", "failed"]  # refused at admission, never generating
     agg = (await aggregates(fresh_database_url))["art"]
-    assert (agg["workflows"], agg["completed"], agg["failed"], agg["generations"]) == (5, 3, 2, 3)
+    assert (agg["workflows"], agg["completed"], agg["failed"], agg["generations"]) == (7, 3, 4, 3)
     assert agg["total_pixels"] == 3 * 64 * 64
     assert agg["compute_seconds"] > 0
     assert agg["stamps"] == 2  # two distinct images, the third is the first again

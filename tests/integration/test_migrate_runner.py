@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -268,3 +269,29 @@ async def test_repository_migrations_apply_cleanly(fresh_database_url: str) -> N
     assert await migrate(fresh_database_url) == [m.version for m in shipped]
     assert await migrate(fresh_database_url) == []
     assert all(at is not None for _, at in await status(fresh_database_url))
+
+
+async def test_a_held_lock_makes_migrate_give_up_within_its_deadline(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    """Whoever holds the advisory lock cannot block start-up forever: migrate gives up after
+    its deadline with one line naming the holder's pid and application_name."""
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+    holder = await asyncpg.connect(fresh_database_url,
+                                   server_settings={"application_name": "held-by-test"})
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+        started = time.monotonic()
+        with pytest.raises(MigrationError) as caught:
+            await asyncio.wait_for(migrate(fresh_database_url, directory, lock_timeout=1.0), 20)
+        assert time.monotonic() - started < 6
+        message = str(caught.value)
+        assert "\n" not in message
+        assert f"pid {holder.get_server_pid()}" in message and "held-by-test" in message
+        assert "1s" in message, message
+        assert await _fetchval(fresh_database_url,
+                               "SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await holder.close()
+    # Released: the next run goes ahead, and a short wait for a lock released meanwhile works.
+    assert await migrate(fresh_database_url, directory, lock_timeout=1.0) == [1, 2, 5]

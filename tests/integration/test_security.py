@@ -1,21 +1,28 @@
 """Secrets stay out of logs: a planted password in the database URL appears nowhere in what
-the nodes and the CLI print, in normal work or on the error paths. (Path confinement, size
-limits and row-level security: test_workflows.py, test_stamping.py, test_fuzz_decode.py and
-test_operators.py.)"""
+the nodes and the CLI print, in normal work or on the error paths. The embedded PostgreSQL asks
+every connection for a password, keeps its own in a private file, and the nodes log in as the
+schema's owner, not as a superuser. (Path confinement, size limits and row-level security:
+test_workflows.py, test_stamping.py, test_fuzz_decode.py and test_operators.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pwd
+import stat
 import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from stampflow.app import prepare
 from stampflow.client import Client
+from stampflow.migrate import migrate
+from stampflow.services import PG_SYSTEM_USER, EmbeddedPostgres, check_database, pid_alive
 from tests.integration.stack import NodeProcess, finished_count, settings_for, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -76,3 +83,102 @@ async def test_a_planted_password_never_reaches_the_logs(
 
 async def _done(url: str, n: int) -> bool:
     return await finished_count(url) >= n
+
+
+def _embedded(services) -> EmbeddedPostgres:  # type: ignore[no-untyped-def]
+    if not isinstance(services.postgres, EmbeddedPostgres):
+        pytest.skip("the embedded PostgreSQL's own set-up")
+    return services.postgres
+
+
+def _private(path: Path, mode: int) -> None:
+    info = path.stat()
+    assert info.st_uid == os.geteuid(), f"{path} is not ours"
+    if os.geteuid() == 0 and mode == 0o700 and path.is_dir():
+        # As root the server runs as a system user: it may pass through, and do nothing else.
+        assert stat.S_IMODE(info.st_mode) == 0o710, oct(info.st_mode)
+        assert info.st_gid == pwd.getpwnam(PG_SYSTEM_USER).pw_gid
+    else:
+        assert stat.S_IMODE(info.st_mode) == mode, f"{path}: {oct(info.st_mode)}"
+
+
+async def test_embedded_postgres_asks_every_connection_for_a_password(services) -> None:  # type: ignore[no-untyped-def]
+    pg = _embedded(services)
+    state_dir = pg.data_dir.parent
+    _private(state_dir, 0o700)
+    _private(pg.password_file, 0o600)
+    _private(state_dir / "services.json", 0o600)
+    assert pg.password_file.read_text().strip() == pg.password and len(pg.password) >= 24
+    assert urlsplit(pg.url()).password == pg.password
+
+    conn = await asyncpg.connect(pg.url())
+    try:
+        rules = await conn.fetch("SELECT type, auth_method FROM pg_hba_file_rules")
+    finally:
+        await conn.close()
+    assert {r["type"] for r in rules} >= {"local", "host"}
+    assert {r["auth_method"] for r in rules} == {"scram-sha-256"}, rules
+
+    socket_file = pg.data_dir / f".s.PGSQL.{pg.port}"
+    hosts = ["127.0.0.1"] + ([str(pg.data_dir)] if socket_file.exists() else [])
+    for host in hosts:
+        for password in (None, "not-the-password"):
+            with pytest.raises((asyncpg.InvalidPasswordError,
+                                asyncpg.InvalidAuthorizationSpecificationError,
+                                asyncpg.InterfaceError)) as refused:
+                await asyncpg.connect(host=host, port=pg.port, user="postgres",
+                                      database="postgres", password=password, timeout=10)
+            assert "password" in str(refused.value), (host, password, refused.value)
+
+
+async def test_nodes_log_in_as_the_schema_owner_not_a_superuser(
+    services, fresh_database_url: str,  # type: ignore[no-untyped-def]
+) -> None:
+    _embedded(services)
+    published = json.loads((services.postgres.data_dir.parent / "services.json").read_text())
+    assert urlsplit(published["database_url"]).username == "stampflow"
+    assert published["database_url"] == services.endpoints.database_url
+    assert urlsplit(fresh_database_url).username == "stampflow"
+    await migrate(fresh_database_url)
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        role = await conn.fetchrow("SELECT rolname, rolsuper, rolbypassrls, rolcanlogin "
+                                   "FROM pg_roles WHERE rolname = current_user")
+        assert role is not None and role["rolcanlogin"]
+        assert not role["rolsuper"] and not role["rolbypassrls"]
+        assert await conn.fetchval("SELECT pg_get_userbyid(datdba) FROM pg_database "
+                                   "WHERE datname = current_database()") == "stampflow"
+        foreign = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                                   "AND tableowner <> current_user")
+        assert foreign == []
+    finally:
+        await conn.close()
+
+
+def test_services_up_prints_no_password_and_down_stops_them(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    env = dict(os.environ, STAMPFLOW_SERVICES="embedded", STAMPFLOW_STATE_DIR=str(state_dir))
+    env.pop("STAMPFLOW_DATABASE_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stampflow", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    up = cli("services", "up")
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((state_dir / "services.json").read_text())
+        secrets = [urlsplit(state["database_url"]).password,
+                   (state_dir / "postgres.password").read_text().strip()]
+        assert all(secrets)
+        migrated = cli("migrate")
+        assert migrated.returncode == 0, migrated.stderr
+        asyncio.run(check_database(state["database_url"]))
+        for text in (up.stdout + up.stderr, migrated.stdout + migrated.stderr,
+                     (state_dir / "postgres.log").read_text(errors="replace")):
+            assert not any(secret in text for secret in secrets)
+        assert "stampflow:***@127.0.0.1" in up.stdout
+    finally:
+        down = cli("services", "down")
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    assert not pid_alive(state["postgres_pid"]) and not pid_alive(state["broker_pid"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -55,7 +57,8 @@ async def test_embedded_postgres_starts_restarts_and_survives_a_crash(tmp_path: 
         port, first_pid = pg.port, pg.pid
 
         await asyncio.to_thread(pg.restart)
-        assert (pg.port, pg.url()) == (port, f"postgresql://postgres@127.0.0.1:{port}/postgres")
+        assert (pg.port, pg.url()) == (
+            port, f"postgresql://postgres:{pg.password}@127.0.0.1:{port}/postgres")
         assert pg.pid != first_pid and not pid_alive(first_pid)
         assert await _fetchval(pg.url(), "select v from kept") == 42
 
@@ -242,17 +245,63 @@ async def test_services_json_lets_another_process_find_and_stop_them(tmp_path: P
 def test_a_stale_services_json_is_ignored(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    # A PID that is gone, and one recycled by another program: neither is trusted or stopped.
-    other = subprocess.Popen(["sleep", "30"])
+    # A PID that is gone: nothing to stop, and the stale file goes.
+    (state_dir / "services.json").write_text(json.dumps({
+        "database_url": "postgresql://postgres@127.0.0.1:1/postgres",
+        "bootstrap_servers": "127.0.0.1:1", "postgres_pid": 2**22 + 1,
+        "broker_pid": 2**22 + 2,
+    }))
+    assert EmbeddedServices.read_state(state_dir) is None
+    assert not EmbeddedServices.stop_from_state(state_dir)
+    assert not (state_dir / "services.json").exists()
+
+
+# An unrelated process whose command line names both servers, as a recycled PID's might.
+IMPOSTOR = [sys.executable, "-c", "import time; time.sleep(60)", "postgres", "tansu"]
+
+
+def _proc_identity(pid: int) -> tuple[list[str], int]:
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    return [arg.decode() for arg in cmdline], ticks
+
+
+@pytest.mark.parametrize("recorded", ["nothing", "postgres", "same-cmdline-other-start"])
+def test_services_down_spares_a_process_it_did_not_start(tmp_path: Path, recorded: str) -> None:
+    """services.json names a live PID that this state dir did not start: `services down`
+    refuses with one line, and the process survives."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    other = subprocess.Popen(IMPOSTOR)
     try:
-        (state_dir / "services.json").write_text(json.dumps({
+        time.sleep(0.2)  # exec'd
+        cmdline, ticks = _proc_identity(other.pid)
+        state: dict[str, object] = {
             "database_url": "postgresql://postgres@127.0.0.1:1/postgres",
             "bootstrap_servers": "127.0.0.1:1", "postgres_pid": other.pid,
-            "broker_pid": 2**22 + 1,
-        }))
+            "broker_pid": other.pid,
+        }
+        if recorded == "postgres":  # what the real server's record looks like
+            state |= {"postgres_cmdline": ["/opt/pg/bin/postgres", "-D", str(state_dir)],
+                      "postgres_start_ticks": ticks,
+                      "broker_cmdline": ["/opt/tansu", "broker"], "broker_start_ticks": ticks}
+        elif recorded == "same-cmdline-other-start":
+            state |= {"postgres_cmdline": cmdline, "postgres_start_ticks": ticks - 1,
+                      "broker_cmdline": cmdline, "broker_start_ticks": ticks - 1}
+        (state_dir / "services.json").write_text(json.dumps(state))
         assert EmbeddedServices.read_state(state_dir) is None
-        assert not EmbeddedServices.stop_from_state(state_dir)
-        assert other.poll() is None
+        with pytest.raises(StampflowError) as refused:
+            EmbeddedServices.stop_from_state(state_dir)
+        assert "\n" not in str(refused.value)
+        assert f"pid {other.pid}" in str(refused.value)
+        env = dict(os.environ, STAMPFLOW_STATE_DIR=str(state_dir), STAMPFLOW_SERVICES="embedded")
+        down = subprocess.run([sys.executable, "-m", "stampflow", "services", "down"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert down.returncode == 1, down.stdout + down.stderr
+        assert down.stderr.count("\n") == 1 and "Traceback" not in down.stderr
+        assert f"pid {other.pid}" in down.stderr and "not stopping" in down.stderr
+        time.sleep(0.2)
+        assert other.poll() is None, "an unrelated process was signalled"
     finally:
         other.kill()
         other.wait()

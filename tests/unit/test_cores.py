@@ -217,3 +217,39 @@ def test_generation_aggregates_count_each_item_s_share_of_a_batch() -> None:
     assert g.compute_seconds == pytest.approx(0.1)
     assert (g.stamps, g.total_bytes) == (1, 100)
     assert writes.workflows[wf.workflow_id].outcome == "generated"
+
+
+def _new_only(*runs: list[Envelope]) -> list[Envelope]:
+    """What the store passes to reduce: each event id once, first delivery wins."""
+    seen: set[object] = set()
+    out = []
+    for run in runs:
+        for e in run:
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("first_fails", [True, False])
+def test_a_rerun_that_ends_differently_still_ends_in_its_terminal_state(
+        first_fails: bool) -> None:
+    """The first run published part of its history (a timeout, a changed file), the second
+    ended the other way. Event ids do not depend on the outcome, so the second run's
+    transition at the same seq is taken for the first's: the workflow must still end in the
+    state of the one terminal event that counts, and the state counts must agree."""
+    c = core()
+    req = request("a")
+    failed = run_stamp(c, req, fail=True)
+    succeeded = run_stamp(c, req, digest="55" * 32)
+    first, second = (failed, succeeded) if first_fails else (succeeded, failed)
+    partial = first[:3]  # created, hashing, and the branching transition; nothing after
+    _, writes = reduce(ReducerState(), _new_only(partial, second), FSMS)
+    row = next(iter(writes.workflows.values()))
+    end = "completed" if first_fails else "failed"
+    assert row.state == end
+    counts = {k[2]: v for k, v in writes.state_counts.items() if v}
+    assert counts == {end: 1}
+    agg = writes.aggregates["a"]
+    assert (agg.completed, agg.failed) == ((1, 0) if first_fails else (0, 1))
+    assert "terminal_override" in {a.kind for a in writes.anomalies}

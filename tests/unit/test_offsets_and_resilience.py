@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from contracts.nodes import CircuitBreakerPolicy, RetryPolicy
 from nodes.offsets import OffsetTracker
-from stampflow.resilience import BreakerState, CircuitBreaker, CircuitOpen, retry
+from stampflow.observability import Throttle
+from stampflow.resilience import Backoff, BreakerState, CircuitBreaker, CircuitOpen, retry
 
 P = ("t", 0)
 
@@ -104,3 +105,68 @@ async def test_retry_gives_up_and_does_not_retry_other_errors() -> None:
         await retry(broken, policy=policy, breaker=breaker, transient=(ConnectionError,))
     with pytest.raises(ValueError, match="bug"):
         await retry(wrong, policy=policy, breaker=breaker, transient=(ConnectionError,))
+
+
+# --- per-record backoff, half-open, jitter (issue 11) ----------------------------------------
+
+
+def test_backoff_never_overflows_however_many_attempts() -> None:
+    """The shared failure count passed 1,024 in a two-minute refusing outage and
+    ``2.0 ** 1024`` raised OverflowError inside the retry handler, losing the record."""
+    p = RetryPolicy(initial_backoff_ms=100, max_backoff_ms=5000, multiplier=2.0)
+    assert p.backoff_ms(1025) == 5000
+    assert p.backoff_ms(10**9) == 5000
+    worst = RetryPolicy(initial_backoff_ms=10**6, max_backoff_ms=10**7, multiplier=10.0)
+    assert worst.backoff_ms(10**6) == 10**7
+    b = Backoff(p)
+    waits = [b.next_s() for _ in range(5000)]
+    assert max(waits) <= 5.0 and b.attempt == 5000
+
+
+def test_backoff_is_jittered_within_its_bounds() -> None:
+    p = RetryPolicy(initial_backoff_ms=1000, max_backoff_ms=1000, jitter=0.5)
+    rng = random.Random(7)
+    waits = [Backoff(p, rng=rng.random).next_s() for _ in range(200)]
+    assert all(0.5 <= w <= 1.0 for w in waits)
+    assert len({round(w, 3) for w in waits}) > 50  # replicas do not retry in lock-step
+    assert Backoff(p.model_copy(update={"jitter": 0.0})).next_s() == 1.0
+
+
+def test_half_open_lets_exactly_one_trial_through() -> None:
+    now = [0.0]
+    b = CircuitBreaker("broker", CircuitBreakerPolicy(failure_threshold=1, reset_timeout_ms=1000),
+                       clock=lambda: now[0])
+    b.failure()
+    now[0] = 1.5
+    b.check()  # the trial
+    for _ in range(50):  # everyone else waits for its verdict
+        with pytest.raises(CircuitOpen):
+            b.check()
+    b.success()
+    b.check()
+    b.check()
+
+
+def test_a_trial_that_never_reports_is_replaced_after_one_reset_timeout() -> None:
+    now = [0.0]
+    b = CircuitBreaker("db", CircuitBreakerPolicy(failure_threshold=1, reset_timeout_ms=1000),
+                       clock=lambda: now[0])
+    b.failure()
+    now[0] = 1.0
+    b.check()  # the trial's caller is cancelled and never reports
+    now[0] = 1.5
+    with pytest.raises(CircuitOpen):
+        b.check()
+    now[0] = 2.1
+    b.check()  # a new trial
+
+
+def test_throttle_lets_one_line_per_interval_and_counts_the_rest() -> None:
+    now = [0.0]
+    t = Throttle(interval_s=10.0, clock=lambda: now[0])
+    assert t.admit("aiokafka", "Unable connect to node %s") == 0
+    held = [t.admit("aiokafka", "Unable connect to node %s") for _ in range(1000)]
+    assert held == [None] * 1000
+    assert t.admit("other") == 0  # another kind is not held back
+    now[0] = 10.5
+    assert t.admit("aiokafka", "Unable connect to node %s") == 1000

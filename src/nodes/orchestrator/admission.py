@@ -41,7 +41,14 @@ class Unreadable:
 Admission = Admitted | Refused | Unreadable
 
 
-def admit(raw: bytes) -> Admission:
+# Without a limit from the caller: inline content of 64 MiB in base64, plus the envelope.
+DEFAULT_MAX_RECORD_BYTES = 64 * 1024 * 1024 * 4 // 3 + 64 * 1024
+
+
+def admit(raw: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Admission:
+    """Exactly one answer for any bytes. The size is checked before anything is parsed."""
+    if len(raw) > max_bytes:
+        return Unreadable(f"record of {len(raw)} bytes exceeds the limit of {max_bytes} bytes")
     try:
         request = decode(raw)
     except ValidationError as err:

@@ -27,8 +27,9 @@ from contracts.events import (
     derive_id,
     derive_seed,
     envelope_for,
+    storable,
 )
-from contracts.nodes import NodeContract
+from contracts.nodes import IoPolicy, NodeContract
 from nodes.fsm import Transition, Workflow, WorkflowMachine
 
 SOURCE = "orchestrator"
@@ -89,8 +90,45 @@ Command = Emit | CallStamping | CallInference | Finished
 
 
 @dataclass(frozen=True, slots=True)
+class GenerationBudget:
+    """What one generation may cost: the inference effect node's contract (None: no cap)."""
+
+    max_pixel_steps: int | None = None  # width * height * num_inference_steps
+    max_side: int | None = None
+    max_steps: int | None = None
+
+    @classmethod
+    def from_policy(cls, policy: IoPolicy) -> GenerationBudget:
+        return cls(policy.max_pixel_steps, policy.max_side, policy.max_steps)
+
+    def refusal(self, request: GenerationRequested) -> str | None:
+        """Why ``request`` is over budget, in one line naming the numbers; None if it fits."""
+        w, h, steps = request.width, request.height, request.num_inference_steps
+        if self.max_side is not None and max(w, h) > self.max_side:
+            return (f"size {w}x{h}: a side of {max(w, h)} is over this node's cap of "
+                    f"{self.max_side}")
+        if self.max_steps is not None and steps > self.max_steps:
+            return f"{steps} steps is over this node's cap of {self.max_steps} steps"
+        if self.max_pixel_steps is not None and w * h * steps > self.max_pixel_steps:
+            return (f"{w}x{h} at {steps} steps is {w * h * steps} pixel-steps, over this "
+                    f"node's budget of {self.max_pixel_steps}")
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_content_bytes: int
+    generation: GenerationBudget = GenerationBudget()
+
+    @classmethod
+    def from_contracts(
+        cls, contracts: Mapping[str, NodeContract], max_content_bytes: int
+    ) -> Limits:
+        """The stamping cap given; the generation budget from the inference node's contract."""
+        inference = contracts.get("inference")
+        budget = (GenerationBudget() if inference is None
+                  else GenerationBudget.from_policy(inference.io_policy))
+        return cls(max_content_bytes, budget)
 
 
 class OrchestratorCore:
@@ -100,7 +138,7 @@ class OrchestratorCore:
         self.limits = limits
         guards = {
             "content_within_limit": self._content_within_limit,
-            "within_generation_limits": _always,
+            "within_generation_limits": self._within_generation_limits,
         }
         self.machines: dict[str, WorkflowMachine] = {
             spec.name: WorkflowMachine(spec, guards) for spec in contract.fsm
@@ -125,7 +163,10 @@ class OrchestratorCore:
                 return workflow, commands
             case GenerationRequested():
                 workflow, commands = self._create(request, "generation", at)
-                self._fire(workflow, commands, "start", at, request=payload)
+                if self._fire(workflow, commands, "start", at, request=payload) is None:
+                    reason = self.limits.generation.refusal(payload) or "over budget"
+                    self._fail(workflow, commands, "over_budget", reason, at)
+                    return workflow, commands
                 seed = payload.seed if payload.seed is not None else derive_seed(request.event_id)
                 commands.append(CallInference(payload, seed))
                 return workflow, commands
@@ -235,15 +276,11 @@ class OrchestratorCore:
             return len(request.content) <= self.limits.max_content_bytes
         return True
 
-
-def storable(text: str, limit: int) -> str:
-    """``text`` as PostgreSQL can store it: NUL escaped, cut to ``limit`` characters. Reasons
-    quote what an effect saw (an OS error naming a path, a model's message)."""
-    return text.replace("\x00", "\\x00")[:limit]
-
-
-def _always(workflow: Workflow, kwargs: Mapping[str, Any]) -> bool:
-    return True
+    def _within_generation_limits(self, workflow: Workflow, kwargs: Mapping[str, Any]) -> bool:
+        request = kwargs.get("request")
+        if isinstance(request, GenerationRequested):
+            return self.limits.generation.refusal(request) is None
+        return True
 
 
 def _kind(workflow: Workflow) -> WorkflowKind:

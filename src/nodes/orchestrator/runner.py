@@ -1,13 +1,19 @@
 """The orchestrator's thin async runner: Kafka in, the pure core, effects, Kafka out.
 
 - Up to ``max_in_flight`` workflows run at once; each record is one task.
-- An offset is committed only when every record at or below it is finished.
-- Every event of a workflow is published, and delivery confirmed, before its record counts
-  as finished. Ids are deterministic, so a record re-run after a crash or a failed publish
-  publishes the same events again and the reducer applies them once.
-- A broker that fails trips the circuit breaker: consumption pauses, publishing retries with
-  backoff, and resumes when the broker answers again.
-- SIGTERM (``stop`` set): no new records, in-flight work finishes, offsets are committed.
+- One rule for offsets: a record counts as finished only when its handling *returned*: its
+  events acknowledged by the broker, or its dead letter acknowledged. A task that ends any
+  other way (an exception, cancellation, the node stopping) leaves its record unfinished, and
+  an offset is committed only when every record at or below it is finished.
+- Ids are deterministic, so a record run again after a crash or a failed publish publishes the
+  same events again and the reducer applies them once.
+- A broker error is retried per record, with a capped, jittered backoff of the record's own,
+  behind a circuit breaker that pauses consumption while open and lets one trial through when
+  half-open. An error that sending again cannot fix (a record too large for the broker) is
+  final: the request goes to the dead-letter topic instead.
+- SIGTERM (``stop`` set): no new records; retrying records give up at once (uncommitted, to be
+  redone); the rest get a grace period; every step of the way out is bounded in time, so the
+  node stops within 30 s whatever the state of the broker.
 """
 
 from __future__ import annotations
@@ -15,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -30,10 +36,16 @@ from contracts.events import (
     GenerationRequested,
 )
 from contracts.nodes import NodeContract
-from nodes.deadletter import dead_letter, dlq_topic
+from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES
 from nodes.fsm import Workflow
 from nodes.offsets import OffsetTracker, PartitionKey
-from nodes.orchestrator.admission import Admitted, Refused, Unreadable, admit
+from nodes.orchestrator.admission import (
+    DEFAULT_MAX_RECORD_BYTES,
+    Admitted,
+    Refused,
+    Unreadable,
+    admit,
+)
 from nodes.orchestrator.core import (
     CallInference,
     CallStamping,
@@ -45,10 +57,10 @@ from nodes.orchestrator.core import (
     Outcome,
     StampSucceeded,
 )
+from nodes.publishing import FINAL_PUBLISH_ERRORS, DeadLetters, EventPublisher, Stopping
 from nodes.stamping import StampError, StampingNode
 from stampflow.observability import (
     CONSUMER_LAG,
-    DLQ_RECORDS,
     RETRIES,
     TRANSITION_SECONDS,
     TRANSITIONS,
@@ -56,17 +68,12 @@ from stampflow.observability import (
     WORKFLOWS,
     WORKFLOWS_IN_FLIGHT,
 )
-from stampflow.resilience import BreakerState, CircuitBreaker, CircuitOpen
+from stampflow.resilience import Backoff, BreakerState, CircuitBreaker, CircuitOpen, sleep_unless
 
 log = structlog.get_logger("stampflow.orchestrator")
+T = TypeVar("T")
 
-
-class EventPublisher(Protocol):
-    """Where the orchestrator's events go. ``send`` returns once the broker has them."""
-
-    async def send(self, topic: str, value: bytes, key: bytes | None) -> None: ...
-
-    async def send_many(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None: ...
+__all__ = ["EventPublisher", "InferenceEffect", "Orchestrator", "OrchestratorConfig"]
 
 
 class InferenceEffect(Protocol):
@@ -83,8 +90,13 @@ class OrchestratorConfig:
     events_topic: str
     max_in_flight: int
     commit_interval_s: float = 0.2
-    shutdown_grace_s: float = 25.0
+    # On stop: how long in-flight workflows may take to finish, then how long each of the
+    # broker calls on the way out may take. Together well inside 30 s.
+    shutdown_grace_s: float = 15.0
+    shutdown_call_s: float = 3.0
     group_id: str = "orchestrator"  # the consumer-lag metric's label
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 def _now() -> datetime:
@@ -115,7 +127,10 @@ class Orchestrator:
         self.breaker = CircuitBreaker("broker", contract.io_policy.circuit_breaker)
         self.tracker = OffsetTracker()
         self._tasks: dict[PartitionKey, set[asyncio.Task[None]]] = {}
-        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._stop = asyncio.Event()
+        self._dead_letters = DeadLetters(
+            publisher, node=contract.name, retry=contract.io_policy.retry, stop=self._stop,
+            clock=clock, max_message_bytes=config.max_message_bytes)
         self._consumer: AIOKafkaConsumer | None = None
         self.ready = False
         self.processed = 0
@@ -126,6 +141,7 @@ class Orchestrator:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = self._dead_letters.stop = stop
         consumer = self._consumer_factory(_Rebalance(self))
         self._consumer = consumer
         await consumer.start()
@@ -136,22 +152,36 @@ class Orchestrator:
         try:
             while not stop.is_set():
                 self._pause_while_broken(consumer)
-                await self._slots.acquire()
-                self._slots.release()
-                free = max(1, self._free_slots())
-                batch = await consumer.getmany(timeout_ms=100, max_records=free)
-                for tp, records in batch.items():
-                    for record in records:
-                        await self._slots.acquire()
-                        self._spawn(tp, record)
+                free = self._free_slots()
+                if free <= 0:
+                    # Every slot is held (perhaps by records waiting for the broker): wait for
+                    # one, but keep seeing ``stop`` and keep committing what finished.
+                    await sleep_unless(stop, 0.05)
+                else:
+                    batch = await consumer.getmany(timeout_ms=100, max_records=free)
+                    for tp, records in batch.items():
+                        for record in records:
+                            self._spawn(tp, record)
                 if time.monotonic() - last_commit >= self.config.commit_interval_s:
                     await self._commit(consumer)
                     last_commit = time.monotonic()
         finally:
             self.ready = False
             await self._drain(consumer)
-            await consumer.stop()
+            await self._bounded(consumer.stop(), "consumer stop")
             log.info("orchestrator stopped", processed=self.processed)
+
+    async def _bounded(self, call: Awaitable[T], what: str) -> T | None:
+        """``call``, given at most ``shutdown_call_s`` once the node is stopping (a broker
+        that hangs must not hold the process), and the broker's own timeouts otherwise."""
+        if not self._stop.is_set():
+            return await call
+        try:
+            return await asyncio.wait_for(call, self.config.shutdown_call_s)
+        except (TimeoutError, KafkaError, OSError) as err:
+            log.warning(f"{what} did not finish while stopping", error=str(err) or
+                        type(err).__name__)
+            return None
 
     def _free_slots(self) -> int:
         return self.config.max_in_flight - self.tracker.in_flight()
@@ -179,6 +209,8 @@ class Orchestrator:
             _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
             for task in pending:
                 task.cancel()
+            if pending:  # let them unwind; a cancelled record stays uncommitted
+                await asyncio.wait(pending, timeout=1.0)
         await self._commit(consumer, keys)
 
     async def _commit(self, consumer: AIOKafkaConsumer,
@@ -191,13 +223,16 @@ class Orchestrator:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
+            # Bounded: with the coordinator unreachable a commit waits for it indefinitely.
+            await asyncio.wait_for(consumer.commit(offsets),
+                                   self.config.shutdown_call_s if self._stop.is_set() else 10.0)
         except CommitFailedError as err:
             # The group moved on (rebalance): the new owner re-runs these records, and the
             # deterministic ids make that harmless.
-            log.warning("offset commit refused by the group", error=str(err))
-        except KafkaError as err:
-            log.warning("offset commit failed; will retry", error=str(err))
+            log.warning("offset commit refused by the group", error=str(err), throttle=True)
+        except (KafkaError, TimeoutError) as err:
+            log.warning("offset commit failed; will retry", error=str(err) or type(err).__name__,
+                        throttle=True)
         for tp, offset in offsets.items():
             high = consumer.highwater(tp)
             if high is not None:  # records not yet finished, or not yet fetched
@@ -216,45 +251,63 @@ class Orchestrator:
 
         def done(t: asyncio.Task[None]) -> None:
             group.discard(t)
-            self._slots.release()
-            if not t.cancelled():
+            # The one rule: only a handling that returned finishes its record.
+            if t.cancelled():
+                return
+            error = t.exception()
+            if error is None:
                 self.tracker.finished(key, record.offset)
+            elif not isinstance(error, Stopping):
+                log.error("record handling ended abnormally; left uncommitted",
+                          partition=record.partition, offset=record.offset, error=repr(error))
 
         task.add_done_callback(done)
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Returns only once the record's outcome is acknowledged by the broker: its events,
+        or its dead letter. Raises :class:`Stopping` when told to stop first."""
         WORKFLOWS_IN_FLIGHT.inc()
+        backoff = Backoff(self.contract.io_policy.retry)
         try:
             while True:
                 try:
+                    self.breaker.check()
                     await self._process(record)
                     self.breaker.success()
                     self.processed += 1
                     return
-                except (KafkaError, CircuitOpen) as err:
-                    # Publishing failed: run the whole record again later. Same ids, so the
-                    # events already delivered are applied once by the reducer.
-                    if not isinstance(err, CircuitOpen):
-                        self.breaker.failure()
+                except CircuitOpen as err:
+                    wait = err.retry_in_s + backoff.next_s() * 0.1
+                except FINAL_PUBLISH_ERRORS as err:
+                    # Sending again cannot help: the request goes aside with the reason, and
+                    # the partition moves on.
+                    self.breaker.success()  # the broker answered
+                    await self._dead_letters.send(
+                        record, f"its events cannot be published: {type(err).__name__}: {err}")
+                    return
+                except KafkaError as err:
+                    # Run the whole record again later. Same ids, so the events already
+                    # delivered are applied once by the reducer.
+                    self.breaker.failure()
                     RETRIES.labels("broker").inc()
-                    wait = err.retry_in_s if isinstance(err, CircuitOpen) else (
-                        self.contract.io_policy.retry.backoff_ms(self.breaker.failures) / 1000.0)
-                    log.warning("publish failed; retrying", error=str(err), wait_s=round(wait, 3),
-                                offset=record.offset, partition=record.partition)
-                    await asyncio.sleep(wait)
+                    wait = backoff.next_s()
+                    log.warning("publish failed; retrying", error=str(err) or type(err).__name__,
+                                wait_s=round(wait, 3), attempt=backoff.attempt,
+                                offset=record.offset, partition=record.partition, throttle=True)
                 except Exception as err:  # noqa: BLE001 - a bug must not lose the record
                     log.exception("unexpected error; sending the record to the dead-letter topic",
                                   offset=record.offset, partition=record.partition)
-                    await self._dead_letter_until_done(record, f"internal error: {err!r}")
+                    await self._dead_letters.send(record, f"internal error: {err!r}")
                     return
+                if await sleep_unless(self._stop, wait):
+                    raise Stopping
         finally:
             WORKFLOWS_IN_FLIGHT.dec()
 
     async def _process(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        self.breaker.check()
-        match admit(record.value or b""):
+        match admit(record.value or b"", self.config.max_record_bytes):
             case Unreadable(reason=reason):
-                await self._dead_letter(record, reason)
+                await self._dead_letters.send(record, reason)
                 return
             case Refused() as refused:
                 await self._reject(refused)
@@ -371,29 +424,6 @@ class Orchestrator:
             if isinstance(c, Finished):
                 WORKFLOWS.labels("invalid", c.state).inc()
         await self._flush(pending)
-
-    async def _dead_letter_until_done(self, record: ConsumerRecord[bytes, bytes],
-                                      reason: str) -> None:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self._dead_letter(record, reason)
-                return
-            except KafkaError as err:
-                wait = self.contract.io_policy.retry.backoff_ms(min(attempt, 8)) / 1000.0
-                log.warning("dead-letter publish failed; retrying", error=str(err))
-                await asyncio.sleep(wait)
-
-    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
-        dlq = dlq_topic(record.topic)
-        doc = dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
-                          key=record.key, value=record.value, error=reason,
-                          node=self.contract.name, at=self.clock())
-        await self.publisher.send(dlq, doc, record.key)
-        DLQ_RECORDS.labels(record.topic).inc()
-        log.warning("record sent to dead-letter topic", dlq=dlq, partition=record.partition,
-                    offset=record.offset, error=reason)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

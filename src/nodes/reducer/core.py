@@ -322,6 +322,18 @@ class _Reduction:
         row = self._workflow(envelope, workflow_id)
         if row is None:
             return
+        fsm = self.fsms.get(row.kind)
+        if fsm is not None and terminal in fsm.terminal and row.state != terminal:
+            # A re-run that ended differently from a partly published first run: ids do not
+            # depend on the outcome, so its transitions collided with the first run's. The
+            # one terminal event that counts (they share an id) decides where it ends.
+            self._anomaly(envelope, workflow_id, "terminal_override",
+                          f"workflow was in {row.state} at seq {row.seq}; its {terminal} "
+                          "event ends it there")
+            self.writes.count_state(row.namespace, row.kind, row.state, -1)
+            self.writes.count_state(row.namespace, row.kind, terminal, +1)
+            row = replace(row, state=terminal, updated_at=max(row.updated_at,
+                                                              envelope.occurred_at))
         delta = self.writes.delta(envelope.namespace)
         if terminal == "completed":
             delta.completed += 1

@@ -3,17 +3,27 @@
 A batch is flushed when it holds ``max_batch_size`` events or ``max_batch_wait_ms`` passed
 since its first event. Offsets are committed only after the batch's transaction committed;
 a crash between the two re-delivers the batch, and the exactly-once bookkeeping in the
-transaction makes the second delivery a no-op. While PostgreSQL is down the runner stops
-fetching (the batch in hand is retried with backoff behind a circuit breaker), so nothing is
-dropped and the consumer lag simply grows until the database is back.
+transaction makes the second delivery a no-op.
+
+- PostgreSQL unreachable, or a lock conflict (transient): the batch in hand is retried with a
+  capped, jittered backoff behind a circuit breaker, and nothing new is fetched, so nothing is
+  dropped and the consumer lag simply grows until the database is back.
+- PostgreSQL refuses the data (not transient: a value it cannot store, a constraint): the batch
+  is bisected. Each half is applied in a transaction of its own with the same bookkeeping;
+  an event that fails alone is dead-lettered with the reason and its origin, its id is
+  claimed and an anomaly row says what happened. The rest of the batch is applied.
+- SIGTERM: a batch not yet committed is abandoned (re-delivered later); every call on the way
+  out is bounded in time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -23,19 +33,19 @@ from pydantic import ValidationError
 
 from contracts.events import Envelope, decode
 from contracts.nodes import NodeContract
-from nodes.deadletter import dead_letter, dlq_topic, one_line
-from nodes.orchestrator.runner import EventPublisher
+from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, one_line
+from nodes.publishing import DeadLetters, EventPublisher, Stopping
 from nodes.reducer.store import BatchResult, ReducerStore
 from stampflow.observability import (
     CONSUMER_LAG,
-    DLQ_RECORDS,
     REDUCER_BATCH,
     REDUCER_EVENTS,
     RETRIES,
 )
-from stampflow.resilience import CircuitBreaker, CircuitOpen
+from stampflow.resilience import Backoff, CircuitBreaker, CircuitOpen, sleep_unless
 
 log = structlog.get_logger("stampflow.reducer")
+T = TypeVar("T")
 
 # PostgreSQL errors worth retrying: the server went away, or a lock conflict.
 TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -47,7 +57,26 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,  # a statement timeout
+    asyncpg.LockNotAvailableError,
     TimeoutError,
+)
+
+# What PostgreSQL (or asyncpg, encoding the arguments) says about the *data*: the same events
+# will fail the same way however often they are sent. Bisected down to the event at fault.
+# Anything else that is not transient (no privilege, a missing table, a full disk) is a
+# problem of the database, not of an event: retried like a transient error, so an operator
+# can fix it without any event being set aside.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,  # class 22, and asyncpg's own "invalid input for query argument"
+    asyncpg.IntegrityConstraintViolationError,  # class 23
+    UnicodeError,
+    OverflowError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
 )
 
 
@@ -57,6 +86,9 @@ class ReducerConfig:
     group_id: str
     max_batch_size: int
     max_batch_wait_ms: int
+    shutdown_call_s: float = 3.0
+    apply_timeout_s: float = 30.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 class Reducer:
@@ -75,12 +107,18 @@ class Reducer:
         self.store = store
         self.publisher = publisher
         self.breaker = CircuitBreaker("postgresql", contract.io_policy.circuit_breaker)
+        self._stop = asyncio.Event()
+        self._dead_letters = DeadLetters(
+            publisher, node=contract.name, retry=contract.io_policy.retry, stop=self._stop,
+            clock=lambda: datetime.now(UTC), max_message_bytes=config.max_message_bytes)
         self.ready = False
         self.batches: list[int] = []  # sizes of the last batches, for tests and the bench
         self.applied = 0
         self.duplicates = 0
+        self.unstorable = 0
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = self._dead_letters.stop = stop
         await self.consumer.start()
         self.ready = True
         log.info("reducer started", topic=self.config.events_topic)
@@ -88,11 +126,25 @@ class Reducer:
             while not stop.is_set():
                 records = await self._collect(stop)
                 if records:
-                    await self._flush(records, stop)
+                    try:
+                        await self._flush(records, stop)
+                    except Stopping:
+                        break  # nothing of this batch committed: re-delivered later
         finally:
             self.ready = False
-            await self.consumer.stop()
+            await self._bounded(self.consumer.stop(), "consumer stop")
             log.info("reducer stopped", applied=self.applied, duplicates=self.duplicates)
+
+    async def _bounded(self, call: Awaitable[T], what: str) -> T | None:
+        """``call``, given at most ``shutdown_call_s`` once the node is stopping."""
+        if not self._stop.is_set():
+            return await call
+        try:
+            return await asyncio.wait_for(call, self.config.shutdown_call_s)
+        except (TimeoutError, KafkaError, OSError) as err:
+            log.warning(f"{what} did not finish while stopping",
+                        error=str(err) or type(err).__name__)
+            return None
 
     async def _collect(self, stop: asyncio.Event) -> list[ConsumerRecord[bytes, bytes]]:
         records: list[ConsumerRecord[bytes, bytes]] = []
@@ -117,16 +169,16 @@ class Reducer:
 
     async def _flush(self, records: list[ConsumerRecord[bytes, bytes]],
                      stop: asyncio.Event) -> None:
-        events: list[Envelope] = []
+        """Apply one batch and commit its offsets. Raises :class:`Stopping` (nothing committed)
+        when told to stop before the batch is durable."""
+        events: list[tuple[Envelope, ConsumerRecord[bytes, bytes]]] = []
         for record in records:
             try:
-                events.append(decode(record.value or b""))
+                events.append((decode(record.value or b""), record))
             except ValidationError as err:
-                await self._dead_letter(record, one_line(err))
+                await self._dead_letters.send(record, one_line(err))
         if events:
-            result = await self._apply(events, stop)
-            if result is None:
-                return  # stopping while the database is down: nothing committed, re-delivered
+            result = await self._apply_all(events)
             self.applied += result.applied
             self.duplicates += result.duplicates
             REDUCER_EVENTS.labels("applied").inc(result.applied)
@@ -139,32 +191,81 @@ class Reducer:
         del self.batches[:-1000]
         await self._commit(records)
 
-    async def _apply(self, events: list[Envelope], stop: asyncio.Event) -> BatchResult | None:
-        policy = self.contract.io_policy.retry
-        attempt = 0
+    async def _apply_all(
+        self, events: list[tuple[Envelope, ConsumerRecord[bytes, bytes]]],
+    ) -> BatchResult:
+        """Apply ``events``; on a data error, bisect down to the events at fault."""
+        try:
+            return await self._apply([e for e, _ in events])
+        except DATA_ERRORS as err:
+            if len(events) == 1:
+                return await self._set_aside(*events[0], err)
+            log.warning("batch refused by the database; bisecting", size=len(events),
+                        error=_describe(err))
+        half = len(events) // 2
+        first = await self._apply_all(events[:half])
+        second = await self._apply_all(events[half:])
+        return BatchResult(first.received + second.received, first.applied + second.applied,
+                           first.duplicates + second.duplicates,
+                           first.anomalies + second.anomalies)
+
+    async def _set_aside(self, envelope: Envelope, record: ConsumerRecord[bytes, bytes],
+                         err: BaseException) -> BatchResult:
+        """One event PostgreSQL will not take: its dead letter first (a crash before the claim
+        below only sends it twice), then its id claimed and an anomaly row, in one
+        transaction, so a re-delivery skips it."""
+        reason = f"the database refused this event: {_describe(err)}"
+        await self._dead_letters.send(record, reason)
+        claimed = await self._with_retries(lambda: self.store.set_aside(envelope, reason))
+        self.unstorable += 1
+        REDUCER_EVENTS.labels("unstorable").inc()
+        return BatchResult(1, 0, 0 if claimed else 1, 1 if claimed else 0)
+
+    async def _apply(self, events: list[Envelope]) -> BatchResult:
+        return await self._with_retries(lambda: self.store.apply(events))
+
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call`` until it succeeds, retrying what is not the data's fault; raises
+        :class:`Stopping` when told to stop first, and the data errors as they are."""
+        backoff = Backoff(self.contract.io_policy.retry)
         while True:
-            attempt += 1
             try:
                 self.breaker.check()
-                result = await self.store.apply(events)
+                result = await self._unless_stopped(
+                    asyncio.wait_for(call(), self.config.apply_timeout_s))
                 self.breaker.success()
                 return result
             except CircuitOpen as err:
                 wait = err.retry_in_s
-            except TRANSIENT_DB_ERRORS as err:
+            except DATA_ERRORS:
+                self.breaker.success()  # the database answered
+                raise
+            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as err:
                 self.breaker.failure()
                 RETRIES.labels("postgresql").inc()
-                wait = policy.backoff_ms(min(attempt, 16)) / 1000.0
-                log.warning("database write failed; retrying", error=str(err) or type(err).__name__,
-                            attempt=attempt, wait_s=round(wait, 3))
-            if stop.is_set():
-                return None
-            # Keep the group membership alive while waiting: heartbeats run in the background,
-            # and not calling getmany means no new records pile up in memory.
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=max(0.01, wait))
-            except TimeoutError:
-                pass
+                wait = backoff.next_s()
+                log.warning("database write failed; retrying", error=_describe(err),
+                            attempt=backoff.attempt, wait_s=round(wait, 3), throttle=True)
+            # Heartbeats keep the group membership while waiting; not calling getmany means
+            # no new records pile up in memory.
+            if await sleep_unless(self._stop, wait):
+                raise Stopping
+
+    async def _unless_stopped(self, call: Awaitable[T]) -> T:
+        """``call``, abandoned (and :class:`Stopping` raised) as soon as the node stops: a
+        database that hangs must not hold the process. The transaction it was in is rolled
+        back with its connection."""
+        task = asyncio.ensure_future(call)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=self.config.shutdown_call_s)
+            raise Stopping
+        return task.result()
 
     async def _commit(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         offsets: dict[TopicPartition, int] = {}
@@ -172,24 +273,24 @@ class Reducer:
             tp = TopicPartition(record.topic, record.partition)
             offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
         try:
-            await self.consumer.commit(offsets)
+            # Bounded: with the coordinator unreachable a commit waits for it indefinitely.
+            # The batch is durable already; an uncommitted one is re-delivered and skipped.
+            await asyncio.wait_for(self.consumer.commit(offsets),
+                                   self.config.shutdown_call_s if self._stop.is_set() else 10.0)
         except CommitFailedError as err:
             log.warning("offset commit refused by the group; batch will be re-delivered "
-                        "and skipped as already applied", error=str(err))
-        except KafkaError as err:
-            log.warning("offset commit failed", error=str(err))
+                        "and skipped as already applied", error=str(err), throttle=True)
+        except (KafkaError, TimeoutError) as err:
+            log.warning("offset commit failed", error=str(err) or type(err).__name__,
+                        throttle=True)
         for tp, offset in offsets.items():
             high = self.consumer.highwater(tp)
             if high is not None:
                 CONSUMER_LAG.labels(self.config.group_id, tp.topic, str(tp.partition)).set(
                     max(0, high - offset))
 
-    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], reason: str) -> None:
-        dlq = dlq_topic(record.topic)
-        doc = dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
-                          key=record.key, value=record.value, error=reason,
-                          node=self.contract.name, at=datetime.now(UTC))
-        await self.publisher.send(dlq, doc, record.key)
-        DLQ_RECORDS.labels(record.topic).inc()
-        log.warning("record sent to dead-letter topic", dlq=dlq, partition=record.partition,
-                    offset=record.offset, error=reason)
+
+def _describe(err: BaseException) -> str:
+    """One line: the error's class and its first line."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from contracts.events import Envelope
+from contracts.events import Envelope, storable
 from contracts.nodes import FsmSpec
 from nodes.reducer.core import ReducerState, WorkflowRow, Writes, reduce, touched
 
@@ -49,6 +49,34 @@ class ReducerStore:
             await _write(conn, writes)
         return BatchResult(len(events), len(new_events), len(events) - len(new_events),
                            len(writes.anomalies))
+
+
+    async def set_aside(self, envelope: Envelope, reason: str) -> bool:
+        """Record that ``envelope`` cannot be stored: its id claimed (a re-delivery skips it)
+        and an anomaly row with ``reason``, counted in its namespace's aggregates. False when
+        its id was claimed before (nothing written)."""
+        workflow_id = getattr(envelope.payload, "workflow_id", None)
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await _claim(conn, {envelope.event_id: envelope}):
+                return False
+            await conn.execute(
+                "INSERT INTO anomalies (namespace, workflow_id, event_id, kind, detail) "
+                "VALUES ($1, $2, $3, 'unstorable', $4)",
+                envelope.namespace, workflow_id if isinstance(workflow_id, UUID) else None,
+                envelope.event_id, storable(reason, 2000),
+            )
+            await conn.execute(
+                """
+                INSERT INTO namespace_aggregates AS a (namespace, anomalies, first_activity,
+                                                       last_activity)
+                VALUES ($1, 1, now(), now())
+                ON CONFLICT (namespace) DO UPDATE SET anomalies = a.anomalies + 1,
+                    first_activity = LEAST(a.first_activity, EXCLUDED.first_activity),
+                    last_activity = GREATEST(a.last_activity, EXCLUDED.last_activity)
+                """,
+                envelope.namespace,  # not the event's own time: it may be what was refused
+            )
+        return True
 
 
 async def _claim(conn: asyncpg.Connection, unique: Mapping[UUID, Envelope]) -> set[UUID]:

@@ -1,0 +1,272 @@
+"""Outages through fault proxies (tests/faultproxy.py): the broker or PostgreSQL refusing,
+hanging or flapping for minutes while node processes run.
+
+- The campaign (tests/integration/campaign.py) under each outage: nothing lost or doubled
+  against the ground truth, `stampflow check` clean, and every node process still running
+  before the final SIGTERM. The CI lengths are shorter than the issue's 3 minutes, except the
+  refusing broker (150 s: an orchestrator with a full window of in-flight records reaches
+  1,024 consecutive broker failures in about 80 s); ``--long-outages`` runs them all at 3
+  minutes.
+- SIGTERM during an outage ends each node within 30 s, and nothing is lost by it.
+- Log volume during a minute of refused broker stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stampflow.app import prepare
+from stampflow.client import Client
+from stampflow.errors import ServiceUnavailable
+from stampflow.services import check_broker, check_database
+from tests.faultproxy import Fault, FaultProxy
+from tests.integration.campaign import Config, Outage, Proxies, run_campaign
+from tests.integration.stack import (
+    NodeProcess,
+    aggregates,
+    finished_count,
+    reconcile,
+    settings_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LONG_S = 180.0
+
+
+def _length(request: pytest.FixtureRequest, ci_s: float) -> float:
+    return LONG_S if request.config.getoption("--long-outages") else ci_s
+
+
+# --- the proxies really are in the way ---------------------------------------------------------
+
+
+async def test_every_connection_goes_through_the_proxies(proxied_services, topic_prefix: str,  # type: ignore[no-untyped-def]
+                                                         tmp_path: Path) -> None:
+    ps = proxied_services
+    settings = settings_for(ps.endpoints, topic_prefix, tmp_path)
+    await prepare(settings, ps.endpoints)
+    async with Client(settings, ps.endpoints, source="test") as client:
+        await client.submit_stamp("ns", content=b"through the proxy")
+        before = ps.broker_proxy.state
+        assert before.bytes_up > 0 and before.bytes_down > 0
+        with ps.broker_proxy.fault(Fault.DOWN, seconds=60):
+            # A fresh client is refused, and one already connected (it learned the broker's
+            # advertised address, the proxy's) cannot publish either: nothing goes around.
+            with pytest.raises(ServiceUnavailable, match="refused"):
+                await check_broker(ps.endpoints.bootstrap_servers, timeout=3)
+            with pytest.raises(Exception) as err:  # noqa: PT011 - aiokafka's timeout or error
+                await asyncio.wait_for(
+                    client.submit_stamp("ns", content=b"must not arrive"), timeout=20)
+            assert not isinstance(err.value, AssertionError)
+        await client.submit_stamp("ns", content=b"after")  # and it recovers
+    with ps.postgres_proxy.fault(Fault.DOWN, seconds=60):
+        with pytest.raises(ServiceUnavailable, match="refused"):
+            await check_database(ps.endpoints.database_url, timeout=3)
+        await check_database(ps.direct_database_url, timeout=3)  # the server itself is fine
+    await check_database(ps.endpoints.database_url, timeout=3)
+
+
+# --- the campaign under each outage ------------------------------------------------------------
+
+OUTAGES = {  # id: (target, fault, CI seconds)
+    "broker-down": ("broker", "down", 150.0),
+    "broker-timeout": ("broker", "timeout", 75.0),
+    "postgres-down": ("postgres", "down", 75.0),
+    "both-down": ("both", "down", 90.0),
+    "flap": ("both", "flap", 60.0),
+}
+
+
+@pytest.mark.parametrize("which", list(OUTAGES))
+async def test_campaign_under_an_outage_loses_nothing_and_every_node_survives(
+    proxied_services, topic_prefix: str, tmp_path: Path, which: str,  # type: ignore[no-untyped-def]
+    request: pytest.FixtureRequest,
+) -> None:
+    target, fault, ci_s = OUTAGES[which]
+    seconds = ci_s if fault == "flap" else _length(request, ci_s)
+    ps = proxied_services
+    # Published fast, so the orchestrator holds a full window of in-flight records (and a
+    # backlog) when the outage begins, halfway through.
+    cfg = Config(requests=4000, kills=0, freezes=0, postgres_restarts=0,
+                 second_orchestrator=False, rate=2000.0, generation_share=0.0,
+                 outages=(Outage(target, fault, seconds),), stall_timeout_s=150.0,
+                 drain_timeout_s=900.0)
+    t0 = time.monotonic()
+    report = await run_campaign(cfg, ps.endpoints, ps.postgres, ps.broker, tmp_path,
+                                topic_prefix=topic_prefix,
+                                proxies=Proxies(ps.broker_proxy, ps.postgres_proxy))
+    took = time.monotonic() - t0
+    assert [f.what for f in report.faults] == [Outage(target, fault, seconds).name]
+    assert report.failures == [], (f"{which} ({took:.0f}s):\n" + "\n".join(report.failures))
+    assert report.checks["workflows"] == report.workflows_expected
+    assert report.checks["stampflow_check_exit"] == 0
+    assert set(report.exit_codes.values()) == {0}
+
+
+# --- SIGTERM during an outage ------------------------------------------------------------------
+
+SIGTERM_WITHIN_S = 30.0
+BURST = 1500
+
+
+async def _warm_nodes(ps: Any, settings: Any, logs: Path) -> dict[str, NodeProcess]:
+    """An orchestrator and a reducer, each having finished one workflow."""
+    await prepare(settings, ps.endpoints)
+    nodes = {node: NodeProcess(node, settings, logs / f"{node}.log")
+             for node in ("orchestrator", "reducer")}
+    async with Client(settings, ps.endpoints, source="test") as client:
+        await client.submit_stamp("warm", content=b"warm-up")
+    await _wait_done(ps.direct_database_url, 1, 90, nodes)
+    return nodes
+
+
+async def _wait_done(url: str, n: int, stall_s: float,
+                     nodes: dict[str, NodeProcess] | None = None) -> int:
+    """Wait until ``n`` workflows are terminal, or until ``stall_s`` pass without progress;
+    returns how many are."""
+    last, progress_at = -1, time.monotonic()
+    while True:
+        with contextlib.suppress(OSError):
+            done = await finished_count(url)
+            if done >= n:
+                return done
+            if done != last:
+                last, progress_at = done, time.monotonic()
+        if time.monotonic() - progress_at > stall_s:
+            return max(last, 0)
+        if nodes and any(p.proc.poll() is not None for p in nodes.values()):
+            return max(last, 0)
+        await asyncio.sleep(0.3)
+
+
+async def _burst(ps: Any, settings: Any, start: int, n: int) -> None:
+    async with Client(settings, ps.endpoints, source="test") as client:
+        for i in range(start, start + n):
+            await client.submit_stamp(f"n{i % 4}", content=f"outage {i}".encode(), wait=False)
+        await client.flush()
+
+
+def _terminate(proc: NodeProcess, timeout: float) -> tuple[int | None, float]:
+    """SIGTERM; (exit code, seconds taken), or (None, timeout) if it outlived ``timeout``."""
+    try:
+        return proc.terminate(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None, timeout
+
+
+SIGTERM_OUTAGES = {  # id: (proxies, fault)
+    "broker-down": (("broker",), Fault.DOWN),
+    "postgres-down": (("postgres",), Fault.DOWN),
+    "both-timeout": (("broker", "postgres"), Fault.HANG),
+}
+
+
+@pytest.mark.parametrize("which", list(SIGTERM_OUTAGES))
+async def test_sigterm_during_an_outage_ends_each_node_within_30s_and_loses_nothing(
+    proxied_services, topic_prefix: str, tmp_path: Path, which: str,  # type: ignore[no-untyped-def]
+) -> None:
+    ps = proxied_services
+    targets, fault = SIGTERM_OUTAGES[which]
+    proxies: list[FaultProxy] = [ps.broker_proxy if t == "broker" else ps.postgres_proxy
+                                 for t in targets]
+    settings = settings_for(ps.endpoints, topic_prefix, tmp_path)
+    nodes = await _warm_nodes(ps, settings, tmp_path)
+    failures: list[str] = []
+    try:
+        await _burst(ps, settings, 0, BURST)
+        await asyncio.sleep(0.5)  # the orchestrator is in the middle of the burst
+        for proxy in proxies:
+            proxy.set(fault, seconds=300)  # the proxy's own deadman, should this test stall
+        await asyncio.sleep(10)  # long enough for every node to meet the outage
+        for node, proc in nodes.items():
+            code, took = await asyncio.to_thread(_terminate, proc, SIGTERM_WITHIN_S)
+            if code is None:
+                failures.append(f"{node} still ran {SIGTERM_WITHIN_S:g}s after SIGTERM "
+                                f"({which}); log: ...{_tail(proc.log_path)}")
+            elif code != 0:
+                failures.append(f"{node} exited {code} on SIGTERM ({which}, after {took:.1f}s);"
+                                f" log: ...{_tail(proc.log_path)}")
+    finally:
+        for proxy in proxies:
+            proxy.set(Fault.OK)
+        for proc in nodes.values():
+            proc.kill()
+    # Nothing was lost by stopping mid-outage: fresh nodes finish every request exactly once.
+    again = {node: NodeProcess(node, settings, tmp_path / f"{node}-2.log")
+             for node in ("orchestrator", "reducer")}
+    try:
+        done = await _wait_done(ps.direct_database_url, BURST + 1, 120, again)
+    finally:
+        for proc in again.values():
+            proc.kill()
+    aggs = await aggregates(ps.direct_database_url)
+    totals = {k: sum(int(r[k]) for r in aggs.values())
+              for k in ("workflows", "completed", "duplicates", "anomalies")}
+    if done < BURST + 1 or totals != {"workflows": BURST + 1, "completed": BURST + 1,
+                                      "duplicates": 0, "anomalies": 0}:
+        failures.append(f"after SIGTERM during {which} and a restart: {done} of {BURST + 1} "
+                        f"workflows terminal; aggregates {totals}")
+    if (diffs := await reconcile(ps.direct_database_url)):
+        failures.append(f"stampflow check differs: {diffs[:3]}")
+    assert failures == [], "\n".join(failures)
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+# --- log volume --------------------------------------------------------------------------------
+
+MAX_LINES_PER_MINUTE = 200
+
+
+async def test_a_minute_of_refused_broker_logs_boundedly(
+    proxied_services, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    ps = proxied_services
+    settings = settings_for(ps.endpoints, topic_prefix, tmp_path)
+    nodes = await _warm_nodes(ps, settings, tmp_path)
+    try:
+        await _burst(ps, settings, 0, BURST)
+        await asyncio.sleep(0.5)
+        offsets = {node: proc.log_path.stat().st_size for node, proc in nodes.items()}
+        with ps.broker_proxy.fault(Fault.DOWN, seconds=120):
+            await asyncio.sleep(60)
+            during = {node: proc.log_path.read_bytes()[offsets[node]:].decode(errors="replace")
+                      for node, proc in nodes.items()}
+        alive = {node: proc.proc.poll() is None for node, proc in nodes.items()}
+    finally:
+        for proc in nodes.values():
+            proc.kill()
+    counts = {node: len(text.splitlines()) for node, text in during.items()}
+    report = []
+    for node, text in during.items():
+        kinds = Counter(_kind(line) for line in text.splitlines())
+        report.append(f"{node}: {counts[node]} lines in 60 s; most repeated: "
+                      f"{kinds.most_common(4)}")
+    assert all(alive.values()), f"a node died during the outage: {alive}\n" + "\n".join(report)
+    assert max(counts.values()) < MAX_LINES_PER_MINUTE, "\n".join(report)
+
+
+def _kind(line: str) -> str:
+    """A log line's message, without what varies (JSON lines: the "event" field)."""
+    import json
+
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return line[:80]
+    return str(doc.get("event", line[:80]))[:80] if isinstance(doc, dict) else line[:80]
