@@ -122,9 +122,14 @@ def fresh_database_url(services: Services) -> Iterator[str]:
     """A database of its own for each test on the session's server, dropped afterwards."""
     name = f"test_{uuid.uuid4().hex[:16]}"
     server = services.endpoints.database_url
-    _blocking(lambda: create_database(server, name))
+    # The embedded server's published role owns its database but may not create any: the
+    # superuser creates this one, owned by that role, and drops it.
+    admin, owner = server, None
+    if isinstance(services.postgres, EmbeddedPostgres):
+        admin, owner = services.postgres.url(), urlsplit(server).username
+    _blocking(lambda: create_database(admin, name, owner=owner))
     yield with_database(server, name)
-    _blocking(lambda: drop_database(server, name))
+    _blocking(lambda: drop_database(admin, name))
 
 
 @dataclass

@@ -1,6 +1,13 @@
 """Image generation for stampflow: model registry, batching engine, effect node, artifacts."""
 
 from inference.artifacts import ArtifactStore, StoredArtifact, artifact_path
+from inference.budget import (
+    Footprint,
+    ModelShape,
+    batch_capacity,
+    estimate_footprint,
+    read_model_shape,
+)
 from inference.effect import InferenceEffectNode
 from inference.engine import (
     BatchKey,
@@ -18,7 +25,9 @@ from inference.errors import (
     InferenceError,
     InvalidRequest,
     ModelNotFound,
+    OverVramBudget,
     TransientInferenceError,
+    UnknownModel,
     UnsupportedConfiguration,
 )
 from inference.registry import (
@@ -33,6 +42,7 @@ from inference.tiny import make_tiny_flux
 __all__ = [
     "ArtifactStore",
     "BatchKey",
+    "Footprint",
     "GeneratedImage",
     "GenerationJob",
     "InferenceEffectNode",
@@ -44,16 +54,22 @@ __all__ = [
     "LoadedPipeline",
     "ModelNotFound",
     "ModelRegistry",
+    "ModelShape",
     "ModelSpec",
+    "OverVramBudget",
     "StoredArtifact",
     "TransientInferenceError",
+    "UnknownModel",
     "UnsupportedConfiguration",
     "artifact_path",
+    "batch_capacity",
     "batch_key",
     "decode_png",
     "encode_png",
+    "estimate_footprint",
     "group_jobs",
     "make_tiny_flux",
+    "read_model_shape",
     "resolve_device",
     "resolve_dtype",
 ]

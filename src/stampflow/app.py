@@ -84,7 +84,7 @@ async def prepare(settings: Settings, endpoints: Endpoints) -> None:
     topics = [settings.requests_topic, settings.events_topic]
     topics += [settings.dlq_topic(t) for t in topics]
     await ensure_topics(endpoints.bootstrap_servers, topics, settings.topic_partitions)
-    await migrate(endpoints.database_url)
+    await migrate(endpoints.database_url, lock_timeout=settings.migrate_lock_timeout)
 
 
 # A service that cannot be reached *yet*: a node started during an outage (or restarted in

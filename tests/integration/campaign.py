@@ -863,6 +863,9 @@ def main() -> None:
     p.add_argument("--outage-seconds", type=float, default=180.0,
                    help="how long each refusing or hanging outage lasts")
     p.add_argument("--flap-seconds", type=float, default=60.0)
+    p.add_argument("--broker-kills", type=int, default=0,
+                   help="broker kill -9 and restart; runs the broker on S3 storage (a moto "
+                        "server on 127.0.0.1: pip install 'moto[server]')")
     p.add_argument("--out", type=Path, default=None,
                    help="results path without suffix (default bench/results/faults-<N>)")
     args = p.parse_args()
@@ -875,10 +878,14 @@ def main() -> None:
     cfg = Config(requests=args.requests, seed=args.seed, kills=args.kills, rate=args.rate,
                  freezes=args.freezes, postgres_restarts=args.postgres_restarts,
                  generation_share=args.generation_share, drain_timeout_s=3600,
-                 outages=tuple(known[n] for n in names))
+                 outages=tuple(known[n] for n in names), broker_kills=args.broker_kills)
     out = args.out or Path("bench/results") / f"faults-{args.requests}"
-    with tempfile.TemporaryDirectory(prefix="stampflow-campaign-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="stampflow-campaign-") as tmp, \
+            contextlib.ExitStack() as stack:
         svc = EmbeddedServices(Path(tmp) / "services", fast=True)
+        if cfg.broker_kills:
+            svc.broker.storage = "s3://tansu/"
+            svc.broker.storage_env = stack.enter_context(s3_server(Path(tmp) / "moto.log"))
         # Behind fault proxies: the broker advertises its proxy's port, so clients that
         # bootstrap through the proxy stay behind it.
         with FaultProxy(upstream=("127.0.0.1", svc.broker.port), name="broker") as bp, \

@@ -1,6 +1,8 @@
 """The CI-sized fault campaign: 10,000 seeded mixed requests across 8 namespaces while node
 processes are killed with SIGKILL, the broker is frozen for 10 s, PostgreSQL restarts and a
-second orchestrator joins. The long run is `python -m tests.integration.campaign`."""
+second orchestrator joins; and a smaller one in which the broker itself is SIGKILLed (on S3
+storage). Outages through fault proxies are in test_outages.py. The long run is
+`python -m tests.integration.campaign`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from inference import make_tiny_flux
-from tests.integration.campaign import Config, make_plan, run_campaign
+from stampflow.services import EmbeddedBroker, Endpoints
+from tests.integration.campaign import (
+    Config,
+    make_plan,
+    moto_server_command,
+    run_campaign,
+    s3_server,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,3 +52,32 @@ def test_the_plan_is_seeded_and_mixed() -> None:
     assert len({r.namespace for r in a.requests}) == 8
     c = make_plan(Config(requests=3000, seed=4))
     assert [r.event_id for r in c.requests] != [r.event_id for r in a.requests]
+
+
+async def test_broker_killed_on_s3_storage_loses_nothing(
+    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The broker itself SIGKILLed and restarted, twice, among node kills: with Tansu's S3
+    storage engine (on moto's S3-API server) its topics, records and committed offsets
+    outlive it, and the campaign loses and doubles nothing."""
+    if services.postgres is None:
+        pytest.skip("fault injection needs services it controls (embedded or containers)")
+    if moto_server_command() is None:
+        pytest.skip("no S3-API server for Tansu's S3 storage: pip install 'moto[server]' (or "
+                    "name a moto_server in STAMPFLOW_TEST_MOTO_SERVER)")
+    with s3_server(tmp_path / "moto.log") as env:
+        broker = EmbeddedBroker(tmp_path / "broker.log", storage="s3://tansu/",
+                                storage_env=env)
+        broker.start()
+        try:
+            cfg = Config(requests=2000, kills=2, freezes=0, postgres_restarts=0,
+                         second_orchestrator=False, broker_kills=2, rate=200.0,
+                         generation_share=0.0, stall_timeout_s=120.0)
+            report = await run_campaign(
+                cfg, Endpoints(fresh_database_url, broker.bootstrap_servers), services.postgres,
+                broker, tmp_path, topic_prefix=topic_prefix)
+        finally:
+            broker.stop()
+    assert report.failures == [], "\n".join(report.failures)
+    assert sum(f.what.startswith("broker kill -9") for f in report.faults) == 2
+    assert report.checks["workflows"] == report.workflows_expected

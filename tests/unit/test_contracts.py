@@ -239,7 +239,7 @@ def test_result_events_are_bounded_to_postgresql_column_types() -> None:
                                              "to_state": "received", "trigger": "start"})
     with pytest.raises(ValidationError):
         WorkflowCompleted.model_validate_json(
-            '{"workflow_id": "%s", "workflow_kind": "stamp", "duration_ms": Infinity}' % uuid4())
+            f'{{"workflow_id": "{uuid4()}", "workflow_kind": "stamp", "duration_ms": Infinity}}')
 
 
 def test_the_exported_schema_says_exactly_one_of_path_and_content() -> None:
