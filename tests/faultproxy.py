@@ -128,8 +128,10 @@ class _Conn:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
         self.task: asyncio.Task[Any] | None = asyncio.current_task()
+        self.was_reset = False
 
     def reset(self) -> None:
+        self.was_reset = True
         _rst(self.client)
         _rst(self.upstream)
         if self.task is not None and self.task is not asyncio.current_task():
@@ -211,6 +213,11 @@ class _Proxy:
                     pipe.cancel()
         except (OSError, asyncio.IncompleteReadError):
             pass  # a side went away: so does the other
+        except asyncio.CancelledError:
+            if not conn.was_reset:
+                raise
+            # Reset by a fault: end normally (asyncio's stream callback logs a cancelled
+            # handler task as an error).
         finally:
             self._conns.discard(conn)
             for w in (writer, conn.upstream):

@@ -18,11 +18,17 @@ document it comes from:
   ``consumes``); any other valid event fails with ``unexpected_event``;
 - ``width * height <= 2048 * 2048`` (events.py, the pixel cap): ``invalid_request``;
 - inline content is at most the deployment's content limit: ``too_large``;
-- a path must name an existing regular file under the content root (README, STAMPFLOW_CONTENT_ROOT):
-  ``outside_root`` when it leads out of the root (an absolute path elsewhere included),
-  ``not_a_file`` for a directory, ``not_found`` when nothing is there;
-- a generation names a model the node can load: here only the ones the test registered
-  (the Hugging Face cache is empty and offline), else ``model_not_found``.
+- a path must name an existing regular file under the content root (README,
+  STAMPFLOW_CONTENT_ROOT): ``outside_root`` when it leads out of the root (an absolute path
+  elsewhere included), ``not_a_file`` for a directory, ``not_found`` when nothing is there,
+  ``too_large`` for a file over the content limit;
+- a generation's cost is within the inference contract's ``max_side``, ``max_steps`` and
+  ``max_pixel_steps`` (src/contracts/specs/inference.yaml, read here as data; README,
+  "Generating images"): ``over_budget``;
+- a generation names a registered model (README: the built-ins ``flux-schnell`` and
+  ``flux-dev`` and the keys of STAMPFLOW_MODELS), else ``unknown_model``; a registered model
+  that is not on disk (the built-ins: the test's Hugging Face cache is empty and offline) fails
+  with ``model_not_found``.
 
 Where the contract leaves the outcome open, the expectation holds every acceptable outcome and
 says why (``ambiguous``); the tests still require exactly one outcome per record.
@@ -45,10 +51,12 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import yaml
 from blake3 import blake3
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError
 from jsonschema.validators import extend
 
+import contracts
 from contracts.schema import schemas
 
 SCHEMAS: dict[str, dict[str, Any]] = schemas()
@@ -59,6 +67,10 @@ PAYLOAD_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 REQUEST_TYPES = frozenset({"stamp.requested", "generation.requested"})
 MAX_PIXELS = 2048 * 2048  # events.py's pixel cap, restated: a schema cannot multiply
+BUILT_IN_MODELS = frozenset({"flux-schnell", "flux-dev"})  # README, STAMPFLOW_MODELS
+# The inference node's contract, as data: what one generation may cost.
+INFERENCE_POLICY: dict[str, Any] = yaml.safe_load(
+    (Path(contracts.__file__).parent / "specs" / "inference.yaml").read_text())["io_policy"]
 
 # --- outcomes ------------------------------------------------------------------------------
 
@@ -169,7 +181,7 @@ def lenient_base64(text: str) -> bytes | None:
     """What a lenient (MIME, RFC 2045 6.8) decoder makes of ``text``: characters outside the
     alphabet are ignored. ``None`` when even that fails (bad padding)."""
     try:
-        return base64.b64decode(text)
+        return base64.b64decode(text.encode("utf-8", "surrogatepass"))
     except (binascii.Error, ValueError):
         return None
 
@@ -430,17 +442,18 @@ class Oracle:
             ids, lax_id = frozenset({lax}), True
         else:
             return Expectation(frozenset({DEAD_LETTER}), why="event_id unreadable")
-        outcomes, why, ambiguous = self.judge(doc)
+        # A value no JSON reader can represent faithfully (a lone surrogate, NaN) leaves only a
+        # dead letter or a refusal; a BOM or duplicate names leave the lenient reading open.
+        unrepresentable = parsed.not_ijson is not None and (
+            "lone surrogate" in parsed.not_ijson or "is not JSON" in parsed.not_ijson)
+        outcomes, why, ambiguous = ((frozenset(), "not I-JSON", None) if unrepresentable
+                                    else self.judge(doc))
         notes = [ambiguous] if ambiguous else []
         if lax_id:
             outcomes |= {DEAD_LETTER, INVALID}
             notes.append(f"event_id {event_id!r:.60} is a UUID only to a lenient reader")
         if parsed.not_ijson:
-            # Not JSON to a strict reader: a dead letter, or a refusal; never a success unless
-            # a lenient reading of it is a valid request (a BOM, duplicate names).
-            outcomes |= {DEAD_LETTER, INVALID}
-            if "lone surrogate" in parsed.not_ijson or "is not JSON" in parsed.not_ijson:
-                outcomes = frozenset(o for o in outcomes if o.state != "completed")
+            outcomes |= {DEAD_LETTER, INVALID}  # not (I-)JSON to a strict reader
             notes.append(f"not I-JSON ({parsed.not_ijson})")
         return Expectation(frozenset(outcomes), ids, why, "; ".join(notes) or None)
 
@@ -488,12 +501,22 @@ class Oracle:
         props = PAYLOAD_SCHEMAS["generation.requested"]["properties"]
         width = payload.get("width", props["width"]["default"])
         height = payload.get("height", props["height"]["default"])
+        steps = payload.get("num_inference_steps", props["num_inference_steps"]["default"])
         if width * height > MAX_PIXELS:
             return frozenset({INVALID}), f"{width}x{height} over the pixel cap", None
+        side, most_steps = INFERENCE_POLICY.get("max_side"), INFERENCE_POLICY.get("max_steps")
+        pixel_steps = INFERENCE_POLICY.get("max_pixel_steps")
+        if ((side is not None and max(width, height) > side)
+                or (most_steps is not None and steps > most_steps)
+                or (pixel_steps is not None and width * height * steps > pixel_steps)):
+            return (frozenset({failed("over_budget")}),
+                    f"{width}x{height} at {steps} steps over the node's budget", None)
         model = payload.get("model", self.default_model)
         if model in self.models:
             return frozenset({completed()}), f"model {model!r} is installed", None
-        return frozenset({failed("model_not_found")}), "no such model", None
+        if model in BUILT_IN_MODELS:
+            return frozenset({failed("model_not_found")}), "a built-in model not on disk", None
+        return frozenset({failed("unknown_model")}), "no model of that name", None
 
     def _stamp(self, payload: dict[str, Any]) -> tuple[frozenset[Outcome], str, str | None]:
         content = payload.get("content")
@@ -508,10 +531,19 @@ class Oracle:
 
     def _path(self, path: str) -> tuple[frozenset[Outcome], str, str | None]:
         joined = path if path.startswith("/") else f"{self.root}/{path}"
-        lexical = posixpath.normpath(joined)
-        if not (lexical == self.root or lexical.startswith(self.root + "/")):
-            return frozenset({failed("outside_root")}), "path leads out of the root", None
-        rel = posixpath.relpath(lexical, self.root)
+        # Under the root by name (".." taken lexically), and by where the path really leads
+        # (symlinks outside the root followed: /proc/self/root/<root>/a.txt is a.txt).
+        candidates = [posixpath.normpath(joined), os.path.realpath(joined)]
+        inside = [c for c in candidates if c == self.root or c.startswith(self.root + "/")]
+        outcomes: set[Outcome] = set()
+        notes: list[str] = []
+        if len(inside) < len(candidates):
+            outcomes.add(failed("outside_root"))
+        if not inside:
+            return frozenset(outcomes), "path leads out of the root", None
+        if len(inside) < len(candidates):
+            notes.append("under the root by one reading of the path and not by the other")
+        rel = posixpath.relpath(inside[0], self.root)
         by_name = self._kind(rel)
         # The kernel's view of the same string: "missing/../a.txt", "a.txt/" or a path over
         # PATH_MAX name nothing to open(2), though lexically they name a file.
@@ -523,13 +555,12 @@ class Oracle:
             by_kernel = "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
             if by_kernel == "file" and by_name != "file":
                 raise AssertionError(f"oracle: {path!r:.80} opens a file the test did not make")
-        outcomes = frozenset({self._path_outcome(by_name, rel),
-                              self._path_outcome(by_kernel, rel)})
+        outcomes |= {self._path_outcome(by_name, rel), self._path_outcome(by_kernel, rel)}
+        if by_name != by_kernel:
+            notes.append(f"resolved by name it is {by_name}, by the kernel {by_kernel}")
         why = f"path names {by_name} {rel!r:.60}"
-        if len(outcomes) > 1:
-            return outcomes, why, (f"resolved by name it is {by_name}, by the kernel "
-                                   f"{by_kernel}: the contract does not say which")
-        return outcomes, why, None
+        return frozenset(outcomes), why, ("; ".join(notes) + ": the contract does not say "
+                                          "which") if notes else None
 
     def _kind(self, rel: str) -> str:
         if rel == "." or rel in self.content.dirs:
@@ -538,7 +569,8 @@ class Oracle:
 
     def _path_outcome(self, kind: str, rel: str) -> Outcome:
         if kind == "file":
-            return completed(self.content.files[rel])
+            data = self.content.files[rel]
+            return completed(data) if len(data) <= self.max_content_bytes else failed("too_large")
         if kind == "dir":
             return failed("not_a_file")
         return failed("not_found")

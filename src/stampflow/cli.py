@@ -1,4 +1,6 @@
-"""The ``stampflow`` command line. Every expected error is one line on stderr, exit code 1."""
+"""The ``stampflow`` command line. Every expected error is one line on stderr, exit code 1
+(2 for a bad setting or argument). Text that comes from the data (reasons, errors, dead
+letters) is printed as it is, never read as rich markup."""
 
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from contracts.events import NAMESPACE_PATTERN
 from contracts.nodes import ContractError
@@ -53,8 +58,13 @@ TopicOpt = Annotated[str, typer.Option("--topic", "-t",
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
+
+class UsageError(StampflowError):
+    """A bad setting or argument: exit code 2, as for the command line's own usage errors."""
+
+
 def _check_namespace(value: str | None) -> str | None:
-    if value is not None and not NAMESPACE_PATTERN.match(value):
+    if value is not None and not NAMESPACE_PATTERN.fullmatch(value):
         raise StampflowError(
             f"{value!r}: not a valid namespace (lowercase letters, digits, '_' and '-', "
             "starting with a letter or digit, at most 63 characters)"
@@ -62,12 +72,67 @@ def _check_namespace(value: str | None) -> str | None:
     return value
 
 
+def _check_namespaces(values: list[str]) -> list[str]:
+    for value in values:
+        _check_namespace(value)
+    return values
+
+
 NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", help="The namespace.",
                                            callback=_check_namespace)]
+NamespaceFilter = Annotated[str | None, typer.Option("--namespace", "-n",
+                                                     help="Only this namespace.",
+                                                     callback=_check_namespace)]
 
 
 def settings() -> Settings:
-    return Settings()
+    """The STAMPFLOW_* settings; a bad one is one line naming the variable (exit code 2)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise UsageError("; ".join(_setting_problem(problem) for problem in e.errors())) from None
+    except SettingsError as e:  # a JSON setting that does not parse
+        name = str(e).split('"')[1] if str(e).count('"') >= 2 else "?"
+        raise UsageError(f"{_shown(name)}: not valid JSON") from None
+
+
+def _shown(field: str) -> str:
+    """``STAMPFLOW_FIELD=value`` as set in the environment (cut short, one line)."""
+    name = f"STAMPFLOW_{field.upper()}"
+    value = next((v for k, v in os.environ.items() if k.upper() == name), None)
+    if value is None:
+        return name
+    value = redact(value).encode("unicode_escape").decode("ascii")
+    return f"{name}={value[:80]}" + ("..." if len(value) > 80 else "")
+
+
+def _setting_problem(problem: Any) -> str:
+    field = str(problem["loc"][0]) if problem["loc"] else "?"
+    ctx = problem.get("ctx") or {}
+    kind = problem["type"]
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+              "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+    if kind in bounds:
+        sign, key = bounds[kind]
+        what = f"must be {sign} {ctx.get(key)}"
+    elif kind == "enum":
+        what = f"must be one of {ctx.get('expected', '?')}".replace("'", "")
+    elif kind in ("int_parsing", "int_from_float"):
+        what = "must be an integer"
+    elif kind == "float_parsing":
+        what = "must be a number"
+    elif kind == "bool_parsing":
+        what = "must be true or false"
+    elif kind == "value_error":
+        what = str(ctx.get("error", problem["msg"]))
+    else:
+        what = str(problem["msg"])[:1].lower() + str(problem["msg"])[1:]
+    return f"{_shown(field)}: {what}"
+
+
+def _text(value: object) -> Text:
+    """A table cell or line from the data: shown literally, never parsed as markup."""
+    return Text("" if value is None else str(value))
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -82,7 +147,7 @@ def main() -> None:
         app()
     except (StampflowError, ContractError) as e:
         err.print(f"stampflow: {redact(str(e))}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -92,15 +157,19 @@ def main() -> None:
 
 @services_app.command("up")
 def services_up() -> None:
-    """Start the embedded services in the background and print their addresses."""
-    from stampflow.services import EmbeddedServices
+    """Start the embedded services in the background and print their addresses.
+
+    The password is not printed: other stampflow commands read the URL from services.json in
+    the state directory (mode 0600).
+    """
+    from stampflow.services import STATE_FILE, EmbeddedServices
 
     s = settings()
     endpoints = EmbeddedServices.start_detached(s.state_dir)
-    out.print(f"PostgreSQL  {endpoints.database_url}")
-    out.print(f"Kafka       {endpoints.bootstrap_servers}")
-    out.print(f"export STAMPFLOW_DATABASE_URL={endpoints.database_url}")
-    out.print(f"export STAMPFLOW_BOOTSTRAP_SERVERS={endpoints.bootstrap_servers}")
+    out.print(f"PostgreSQL  {redact(endpoints.database_url)}", markup=False, highlight=False)
+    out.print(f"Kafka       {endpoints.bootstrap_servers}", markup=False, highlight=False)
+    out.print(f"credentials {s.state_dir.resolve() / STATE_FILE} (readable by its owner only)",
+              markup=False, highlight=False)
 
 
 @services_app.command("down")
@@ -118,17 +187,21 @@ def services_down() -> None:
 @app.command("migrate")
 def migrate_cmd(
     status: Annotated[bool, typer.Option("--status", help="List migrations, apply none.")] = False,
+    lock_timeout: Annotated[float | None, typer.Option(
+        min=0.001, help="Seconds to wait for the migration lock (default: "
+        "STAMPFLOW_MIGRATE_LOCK_TIMEOUT, 60).")] = None,
 ) -> None:
     """Apply pending SQL migrations (safe to run from several nodes at once)."""
     from stampflow import migrate as migrations
 
-    url = endpoints_for(settings(), need_broker=False).database_url
+    s = settings()
+    url = endpoints_for(s, need_broker=False).database_url
     if status:
         for migration, applied_at in run(migrations.status(url)):
             when = applied_at.isoformat() if applied_at else "pending"
             out.print(f"{migration.version:04d}  {migration.name:<30} {when}")
         return
-    applied = run(migrations.migrate(url))
+    applied = run(migrations.migrate(url, lock_timeout=lock_timeout or s.migrate_lock_timeout))
     out.print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
 
 
@@ -246,7 +319,8 @@ def up_cmd() -> None:
     configure_logging(s.log_level, s.log_format)
     with EmbeddedServices(s.state_dir) as services:
         endpoints = services.endpoints
-        err.print(f"PostgreSQL {endpoints.database_url}  Kafka {endpoints.bootstrap_servers}")
+        err.print(f"PostgreSQL {redact(endpoints.database_url)}  "
+                  f"Kafka {endpoints.bootstrap_servers}", markup=False, highlight=False)
 
         async def main() -> None:
             stop = asyncio.Event()
@@ -352,18 +426,27 @@ def models_make_tiny(
     """Build a tiny FluxPipeline with random weights, locally, and save it to DIRECTORY."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StampflowError(f"{directory}: cannot create it: {e.strerror or e}") from None
     from inference import make_tiny_flux
 
-    path = make_tiny_flux(directory, seed=seed)
-    out.print(f"tiny FluxPipeline saved to {path}")
-    out.print(f'use it: STAMPFLOW_MODELS=\'{{"tiny": "{path}"}}\' and --model tiny')
+    try:
+        path = make_tiny_flux(directory, seed=seed)
+    except OSError as e:
+        raise StampflowError(f"{directory}: cannot save the pipeline there: "
+                             f"{e.strerror or e}") from None
+    out.print(f"tiny FluxPipeline saved to {path}", markup=False, highlight=False)
+    out.print(f'use it: STAMPFLOW_MODELS=\'{{"tiny": "{path}"}}\' and --model tiny', markup=False,
+              highlight=False)
 
 
 # --- operator queries ----------------------------------------------------------------------------
 
 
 @app.command("status")
-def status_cmd(namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None) -> None:
+def status_cmd(namespace: NamespaceFilter = None) -> None:
     """Per-namespace aggregates (from the namespace_summary view)."""
     from stampflow.queries import summary
 
@@ -372,7 +455,7 @@ def status_cmd(namespace: Annotated[str | None, typer.Option("--namespace", "-n"
 
 
 @app.command("check")
-def check_cmd(namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None) -> None:
+def check_cmd(namespace: NamespaceFilter = None) -> None:
     """Recompute aggregates from the base rows and compare; exit 1 on any difference."""
     from stampflow.queries import connect
     from stampflow.reconcile import check
@@ -405,44 +488,61 @@ def dlq_list(topic: TopicOpt = "requests",
                                     limit=limit))
     table = Table("dlq offset", "from", "failed at", "node", "error", "value")
     for d in letters:
-        table.add_row(f"{d.dlq_partition}:{d.dlq_offset}", f"{d.topic}[{d.partition}]@{d.offset}",
-                      d.failed_at[:19], d.node, d.error[:60], repr(d.value[:40]))
+        table.add_row(*map(_text, (f"{d.dlq_partition}:{d.dlq_offset}",
+                                   f"{d.topic}[{d.partition}]@{d.offset}", d.failed_at[:19],
+                                   d.node, d.error[:60], repr(d.value[:40]))))
     out.print(table)
     out.print(f"{len(letters)} dead letter(s)")
 
 
 @dlq_app.command("replay")
 def dlq_replay(
+    to: Annotated[str, typer.Option(
+        "--to", help="requests or events: the topic to publish to (required; never taken "
+        "from the dead letters).")],
     topic: TopicOpt = "requests",
     offset: Annotated[list[str] | None, typer.Option(
         help="PARTITION:OFFSET of a dead letter (repeatable); default: all.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replay letters replayed before, again.")] = False,
 ) -> None:
-    """Publish dead letters' original bytes to their original topic again (after a fix)."""
+    """Publish dead letters' original bytes, with their keys, to the topic --to names (after a
+    fix). Each letter once: dlq_replays records what was replayed, where, when and by whom."""
     from stampflow.dlq import read_dead_letters, replay
 
     s = settings()
-    bootstrap = endpoints_for(s).bootstrap_servers
-    letters = run(read_dead_letters(bootstrap, _topic(s, topic)))
+    target = _topic(s, to)
+    endpoints = endpoints_for(s)
+    source = _topic(s, topic)
+    letters = run(read_dead_letters(endpoints.bootstrap_servers, source))
     if offset:
         wanted = set(offset)
         letters = [d for d in letters if f"{d.dlq_partition}:{d.dlq_offset}" in wanted]
         found = {f"{d.dlq_partition}:{d.dlq_offset}" for d in letters}
         if wanted - found:
             raise StampflowError(f"{', '.join(sorted(wanted - found))}: no such dead letter in "
-                                 f"{_topic(s, topic)}.dlq")
-    sent = run(replay(bootstrap, letters))
-    out.print(f"replayed {sent} dead letter(s) to {_topic(s, topic)}")
+                                 f"{source}.dlq")
+    done = run(replay(endpoints.bootstrap_servers, endpoints.database_url, f"{source}.dlq",
+                      letters, target, force=force))
+    for skipped in done.skipped:
+        d = skipped.letter
+        hint = " (--force replays it again)" if skipped.reason.startswith("replayed") else ""
+        out.print(_text(f"skipped {d.dlq_partition}:{d.dlq_offset}: {skipped.reason}{hint}"))
+    summary = f"replayed {len(done.sent)} dead letter(s) to {target}"
+    if done.skipped:
+        summary += f"; skipped {len(done.skipped)}"
+    out.print(_text(summary))
 
 
 def _topic(s: Settings, logical: str) -> str:
     if logical not in ("requests", "events"):
-        raise StampflowError(f"{logical}: not a topic; choose requests or events")
+        raise UsageError(f"{logical}: not a topic; choose requests or events")
     return s.topic(logical)
 
 
 @app.command("workflows")
 def workflows_cmd(
-    namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+    namespace: NamespaceFilter = None,
     state: Annotated[str | None, typer.Option("--state", "-s")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
 ) -> None:
@@ -453,9 +553,9 @@ def workflows_cmd(
                          namespace, state, limit))
     table = Table("workflow", "namespace", "kind", "state", "outcome", "updated", "reason")
     for r in rows:
-        table.add_row(str(r["workflow_id"]), r["namespace"], r["kind"], r["state"],
-                      r["outcome"] or "", r["updated_at"].isoformat(timespec="seconds"),
-                      (r["reason"] or "")[:60])
+        table.add_row(*map(_text, (r["workflow_id"], r["namespace"], r["kind"], r["state"],
+                                   r["outcome"], r["updated_at"].isoformat(timespec="seconds"),
+                                   (r["reason"] or "")[:60])))
     out.print(table)
 
 
@@ -465,43 +565,68 @@ def workflow_cmd(workflow_id: str) -> None:
     from stampflow.queries import history
 
     rows = run(history(endpoints_for(settings(), need_broker=False).database_url, workflow_id))
-    table = Table("seq", "from", "to", "trigger", "at", "reason", title=workflow_id)
+    table = Table("seq", "from", "to", "trigger", "at", "reason", title=_text(workflow_id))
     for r in rows:
-        table.add_row(str(r["seq"]), r["from_state"] or "", r["to_state"], r["trigger"],
-                      r["occurred_at"].isoformat(timespec="milliseconds"), r["reason"] or "")
+        table.add_row(*map(_text, (r["seq"], r["from_state"], r["to_state"], r["trigger"],
+                                   r["occurred_at"].isoformat(timespec="milliseconds"),
+                                   r["reason"])))
     out.print(table)
 
 
 @app.command("verify")
 def verify_cmd(path: Path, namespace: NamespaceOpt = "default") -> None:
     """Is this exact content stamped in NAMESPACE? Exit 0 if yes, 1 if not."""
-    from nodes.stamping import StampingNode
+    from nodes.stamping import StampError, StampingNode
     from stampflow.queries import find_stamp
 
     s = settings()
-    local = StampingNode(Path("/"), max_bytes=2**62).stamp_path(path.resolve(),
-                                                                namespace=namespace)
+    try:
+        local = StampingNode(Path("/"), max_bytes=2**62).stamp_path(path.resolve(),
+                                                                    namespace=namespace)
+    except StampError as e:  # exit 1 means "not stamped": a file that cannot be read is not
+        raise UsageError(str(e).replace(str(path.resolve()), str(path), 1)) from None
     row = run(find_stamp(endpoints_for(s, need_broker=False).database_url, namespace,
                          local.hash))
     if row is None:
-        out.print(f"NOT STAMPED  {path}  blake3:{local.hash}  (namespace {namespace})")
+        out.print(_text(f"NOT STAMPED  {path}  blake3:{local.hash}  (namespace {namespace})"))
         raise typer.Exit(1)
-    out.print(f"STAMPED  {path}  blake3:{local.hash}  size={row['size']}  "
-              f"at={row['stamped_at'].isoformat()}  namespace={namespace}")
+    out.print(_text(f"STAMPED  {path}  blake3:{local.hash}  size={row['size']}  "
+                    f"at={row['stamped_at'].isoformat()}  namespace={namespace}"))
 
 
 @roles_app.command("create")
 def roles_create(
     role: str,
-    namespace: Annotated[list[str], typer.Option("--namespace", "-n", help="Repeatable.")],
-    password: Annotated[str | None, typer.Option(help="Login password (optional).")] = None,
+    namespace: Annotated[list[str], typer.Option("--namespace", "-n", help="Repeatable.",
+                                                 callback=_check_namespaces)],
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help="Read the login password from standard input (one line).")]
+    = False,
+    password_prompt: Annotated[bool, typer.Option(
+        "--password-prompt", help="Ask for the login password (hidden, typed twice).")]
+    = False,
 ) -> None:
-    """Create (or extend) a login role that can read only the given namespaces."""
-    from stampflow.queries import create_role
+    """Create (or extend) a login role that can read only the given namespaces.
 
-    run(create_role(endpoints_for(settings(), need_broker=False).database_url, role, namespace,
-                    password))
-    out.print(f"role {role} may read namespace(s): {', '.join(namespace)}")
+    A password is never taken on the command line (other users see a process's arguments):
+    give it on standard input or at the prompt. Without either the role keeps the password it
+    has; a new one has none and cannot log in until it gets one.
+    """
+    from stampflow.queries import check_role_name, create_role
+
+    check_role_name(role)
+    if password_stdin and password_prompt:
+        raise UsageError("--password-stdin and --password-prompt: choose one")
+    password: str | None = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif password_prompt:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    if password is not None and not password:
+        raise UsageError("the password is empty")
+    url = endpoints_for(settings(), need_broker=False).database_url
+    run(create_role(url, role, namespace, password))
+    out.print(_text(f"role {role} may read namespace(s): {', '.join(namespace)}"))
 
 
 def _print_summary(rows: list[dict[str, Any]], *, title: str) -> None:
@@ -509,11 +634,11 @@ def _print_summary(rows: list[dict[str, Any]], *, title: str) -> None:
                   "stamps", "bytes", "generations", "pixels", "compute s", "anomalies",
                   title=title)
     for r in rows:
-        table.add_row(r["namespace"], str(r["workflows"]), str(r["completed"]),
-                      str(r["failed"]), str(r["in_flight"]), str(r["duplicates"]),
-                      str(r["stamps"]), f"{r['total_bytes']:,}", str(r["generations"]),
-                      f"{r['total_pixels']:,}", f"{r['compute_seconds']:.2f}",
-                      str(r["anomalies"]))
+        table.add_row(*map(_text, (r["namespace"], r["workflows"], r["completed"], r["failed"],
+                                   r["in_flight"], r["duplicates"], r["stamps"],
+                                   f"{r['total_bytes']:,}", r["generations"],
+                                   f"{r['total_pixels']:,}", f"{r['compute_seconds']:.2f}",
+                                   r["anomalies"])))
     out.print(table)
 
 

@@ -30,6 +30,7 @@ from inference import make_tiny_flux
 from stampflow.app import NODE_NAMES, run_nodes
 from stampflow.client import Client
 from stampflow.errors import StampflowError
+from stampflow.observability import redact
 from stampflow.queries import summary
 from stampflow.services import EmbeddedServices
 from stampflow.settings import Settings
@@ -98,7 +99,7 @@ def run_demo(settings: Settings, *, per_namespace: int, generations: int,
                                         "topic_prefix": "demo", "models": models,
                                         "artifact_root": work / "artifacts"})
         with EmbeddedServices(s.state_dir) as services:
-            console.print(f"[dim]PostgreSQL {services.endpoints.database_url}  "
+            console.print(f"[dim]PostgreSQL {redact(services.endpoints.database_url)}  "
                           f"Kafka {services.endpoints.bootstrap_servers}[/dim]")
             return asyncio.run(_demo(s, services, files, generations, console))
     finally:

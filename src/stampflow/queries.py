@@ -8,11 +8,13 @@ from uuid import UUID
 
 import asyncpg
 
+from contracts.events import NAMESPACE_PATTERN
 from stampflow.errors import ServiceUnavailable, StampflowError
 from stampflow.observability import redact
-from stampflow.services import database_address
+from stampflow.services import database_address, password_clause
 
-ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Anchored with \Z, not $: ``$`` also matches before a trailing newline.
+ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
 
 
 async def connect(url: str, timeout: float = 10.0) -> asyncpg.Connection:
@@ -75,25 +77,50 @@ async def find_stamp(url: str, namespace: str, hash_hex: str) -> dict[str, Any] 
     return rows[0] if rows else None
 
 
+def check_role_name(role: str) -> str:
+    """``role`` if it is a name `stampflow roles create` may use, else StampflowError."""
+    if not ROLE_NAME.fullmatch(role) or role.startswith("pg_"):
+        raise StampflowError(f"{role!r}: not a valid role name (lowercase letters, digits and "
+                             "'_', not starting with a digit or pg_, at most 63 characters)")
+    return role
+
+
 async def create_role(url: str, role: str, namespaces: list[str], password: str | None) -> None:
-    """A login role that reads only ``namespaces`` (row-level security on every table)."""
-    if not ROLE_NAME.match(role):
-        raise StampflowError(f"{role}: not a valid role name (lowercase letters, digits, _)")
+    """A login role that reads only ``namespaces`` (row-level security on every table).
+
+    The password travels as a SCRAM verifier where it can (stampflow.services.password_clause),
+    so that not even a failed statement in the server's log shows it.
+    """
+    check_role_name(role)
+    for namespace in namespaces:
+        if not NAMESPACE_PATTERN.fullmatch(namespace):
+            raise StampflowError(f"{namespace!r}: not a valid namespace")
     conn = await connect(url)
     try:
-        async with conn.transaction():
-            exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-            if not exists:
-                await conn.execute(f'CREATE ROLE "{role}" LOGIN')
-            if password is not None:
-                quoted = await conn.fetchval("SELECT quote_literal($1)", password)
-                await conn.execute(f'ALTER ROLE "{role}" PASSWORD {quoted}')
-            await conn.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
-            await conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
-            await conn.execute(
-                "INSERT INTO namespace_grants (role_name, namespace) "
-                "SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
-                role, namespaces,
-            )
+        await _create_role(conn, role, namespaces, password)
+    except asyncpg.PostgresError as err:
+        raise StampflowError(f"PostgreSQL at {database_address(url)}: cannot create role "
+                             f"{role}: {' '.join(str(err).split())}") from None
     finally:
         await conn.close()
+
+
+async def _create_role(conn: asyncpg.Connection, role: str, namespaces: list[str],
+                       password: str | None) -> None:
+    async with conn.transaction():
+        found = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_roles "
+                                    "WHERE rolname = $1", role)
+        if found is not None and (found["rolsuper"] or found["rolbypassrls"]):
+            raise StampflowError(f"{role}: a superuser or a role that bypasses row-level "
+                                 "security; a namespace role must be an ordinary one")
+        if found is None:
+            await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+        if password is not None:
+            await conn.execute(f'ALTER ROLE "{role}" {password_clause(password)}')
+        await conn.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
+        await conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+        await conn.execute(
+            "INSERT INTO namespace_grants (role_name, namespace) "
+            "SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+            role, namespaces,
+        )

@@ -126,3 +126,13 @@ def test_make_tiny_into_a_folder_that_cannot_be_created_is_one_line(tmp_path: Pa
     assert done.returncode == 1
     line = _one_line_error(done)
     assert line.startswith(f"stampflow: {target}: cannot create it: "), line
+
+
+def test_the_settings_name_the_real_redaction() -> None:
+    import stampflow.settings
+    from stampflow.observability import redact
+
+    source = Path(stampflow.settings.__file__).read_text()
+    assert "stampflow.logs" not in source  # no such module
+    assert "stampflow.observability.redact" in source
+    assert redact("postgresql://app:pw@db/x") == "postgresql://app:***@db/x"
