@@ -1,12 +1,13 @@
 """An independent judge of what stampflow must make of one record on the requests topic.
 
 The fuzz tests decide the expected outcome of every record here, never by asking stampflow's
-own validation (``decode``, ``admit``, ``probe_identity``, pydantic models). The only thing
-taken from stampflow is the *exported contract*: the JSON Schemas of ``contracts.schema``
-(what ``stampflow contracts export`` writes for producers in other languages), checked with the
-``jsonschema`` package (Draft 2020-12, with a format checker). The rules a JSON Schema cannot
-express, or that the exported one does not, are restated below in plain Python, each with the
-document it comes from:
+own validation (``decode``, ``admit``, ``probe_identity``, pydantic models). What is taken
+from stampflow is its contract, as data: the exported JSON Schemas of ``contracts.schema`` (what
+``stampflow contracts export`` writes for producers in other languages), checked with the
+``jsonschema`` package (Draft 2020-12, with a format checker; patterns with ECMA-262's ``$``),
+and the inference node's YAML contract for the generation budget. The rules a JSON Schema
+cannot express, or that the exported one does not, are restated below in plain Python, each
+with the document it comes from:
 
 - JSON (RFC 8259, UTF-8) and I-JSON (RFC 7493: no lone surrogates, no duplicate names);
 - a record is *readable* when it is a JSON object whose ``namespace`` matches the namespace
@@ -189,11 +190,13 @@ def lenient_base64(text: str) -> bytes | None:
 FORMATS = FormatChecker()
 
 
-@FORMATS.checks("base64")
 def _is_base64(instance: object) -> bool:
     # "base64" is not a JSON Schema format; the contract means RFC 4648 base64 (the README:
     # "inline bytes (base64)"). Checked strictly; a lenient reading is judged ambiguous below.
     return not isinstance(instance, str) or strict_base64(instance) is not None
+
+
+FORMATS.checks("base64")(_is_base64)
 
 
 if FORMATS.conforms("2026-01-01 00:00", "date-time") or FORMATS.conforms("x", "uuid"):

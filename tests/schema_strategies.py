@@ -114,12 +114,15 @@ def extremes(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
             return from_schema(schema, custom_formats=CUSTOM_FORMATS)
         shortest, longest = schema.get("minLength", 0), schema.get("maxLength", 4096)
         if "pattern" in schema and schema["pattern"] != TEXT_PATTERN:
-            # A narrow pattern (the namespace): its own shortest and longest words.
-            words = ["0", "a" * longest, "z" + "-" * (longest - 1), "9" + "_" * (longest - 1),
-                     "a-", "0_-9"]
-            typical = from_schema(schema, custom_formats=CUSTOM_FORMATS)
-            valid = [w for w in words if _valid(schema, w)]
-            return st.sampled_from(valid) | typical if valid else typical
+            # A narrow pattern (the namespace): the shortest and the longest words it takes,
+            # of a few shapes.
+            words = []
+            for head, tail in (("a", "a"), ("z", "-"), ("9", "_"), ("0", "_-")):
+                fits = [w for w in (head + fill(tail, n) for n in range(128))
+                        if _valid(schema, w)]
+                words += [fits[0], fits[-1]] if fits else []
+            drawn = from_schema(schema, custom_formats=CUSTOM_FORMATS)
+            return st.sampled_from(sorted(set(words))) | drawn if words else drawn
         lengths = st.sampled_from(sorted({max(shortest, 1), longest, max(shortest, longest - 1)}))
         strings = st.builds(fill, _units(), lengths)
         if shortest == 0:
@@ -132,7 +135,7 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {}
 
 
 def typical(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
-    """hypothesis-jsonschema's values for ``schema``. The text pattern ``^[^\x00]*$`` becomes
+    """hypothesis-jsonschema's values for ``schema``. The text pattern ``^[^\\x00]*$`` becomes
     its own ``allow_x00=False`` (the same strings, drawn without the regex machinery, which
     took most of the drawing time)."""
     def plain(node: Any) -> Any:
@@ -191,8 +194,10 @@ PATH_MAX = 4096  # Linux's, and the schema's maxLength for a path
 
 
 def long_paths(world: PathWorld) -> list[str]:
+    """Long paths, each cut to PATH_MAX: a fixed number of them whatever the root's length, so
+    that the draws do not depend on where the test's temporary directory is."""
     root_name = world.root.rstrip("/").rsplit("/", 1)[-1]
-    return [p for p in [
+    return [p[:PATH_MAX] for p in [
         "./" * ((PATH_MAX - 5) // 2) + "a.txt",               # PATH_MAX with the root on top
         "a/" * (PATH_MAX // 2),                               # 2048 levels of nothing
         "../" * 1365 + "etc/hosts",                           # climbs far out
@@ -201,8 +206,8 @@ def long_paths(world: PathWorld) -> list[str]:
         ASTRAL * PATH_MAX,                                    # 4096 code points, 16 KiB
         "sub/../" * 584 + "a.txt",                            # long way back to a real file
         f"../{root_name}/" * 100 + "a.txt",                   # out and back in, a hundred times
-        world.root + "/" + "./" * ((PATH_MAX - len(world.root) - 7) // 2) + "a.txt",
-    ] if 1 <= len(p) <= PATH_MAX]
+        world.root + "/" + "./" * max(0, (PATH_MAX - len(world.root) - 7) // 2) + "a.txt",
+    ]]
 
 
 @st.composite
@@ -418,21 +423,21 @@ def broken(draw: st.DrawFn, rng: random.Random, base: dict[str, Any],
             "-_-_", "YWJj\nZGVm", " YQ==", "YQ", "YQ===", "YR==", "!!!!", "YW Jj", "Y",
             "aGVsbG8gd29ybGQ-", "\u2028YQ==", "YQ==\x00", "\U0001F600YQ=="])}
     elif how == "unreadable":
-        key, value = rng.choice([
+        gone: tuple[str, str | None] = rng.choice([
             ("namespace", "acme\n"), ("namespace", "Acme"), ("namespace", "a\x00"),
             ("namespace", "a" * 64), ("namespace", ""), ("namespace", None),
             ("namespace", "\u0430cme"), ("event_id", "not-a-uuid"), ("event_id", None),
             ("event_id", ""), ("event_id", "00000000-0000-0000-0000-00000000000g")])
-        if value is None:
-            doc.pop(key)
+        if gone[1] is None:
+            doc.pop(gone[0])
         else:
-            doc[key] = value
+            doc[gone[0]] = gone[1]
     else:  # lax
-        key, value = rng.choice([
+        lax: tuple[str, object] = rng.choice([
             ("event_version", True), ("occurred_at", 1700000000),
             ("occurred_at", "2026-11-23 10:00:00Z"), ("correlation_id", "0" * 32),
             ("event_id", "{" + draw(UUIDS) + "}"), ("event_id", "urn:uuid:" + draw(UUIDS))])
-        doc[key] = value
+        doc[lax[0]] = lax[1]
     return f"broken:{how}", doc
 
 

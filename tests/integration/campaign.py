@@ -75,6 +75,11 @@ class Outage:
     seconds: float
     period_s: float = 4.0  # flap: one down-and-up cycle
     ms: float = 0.0  # latency
+    # Before the fault, the broker answers this slowly for lead_in_s: publishes take long, so
+    # the orchestrator's whole in-flight window is waiting on the broker when the fault comes
+    # (a broker that degrades before it dies; without it the window is often nearly empty).
+    lead_in_ms: float = 0.0
+    lead_in_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target not in ("broker", "postgres", "both"):
@@ -96,13 +101,18 @@ class Outage:
 def standard_outages(seconds: float = 180.0, flap_s: float = 60.0) -> dict[str, Outage]:
     """The named outages of the campaign (issue 11): each service refusing, the broker
     hanging, both refusing at once, and both flapping every few seconds."""
+    slow = {"lead_in_ms": LEAD_IN_MS, "lead_in_s": LEAD_IN_S}
     return {
-        "broker-down": Outage("broker", "down", seconds),
-        "broker-timeout": Outage("broker", "timeout", seconds),
+        "broker-down": Outage("broker", "down", seconds, **slow),
+        "broker-timeout": Outage("broker", "timeout", seconds, **slow),
         "postgres-down": Outage("postgres", "down", seconds),
-        "both-down": Outage("both", "down", seconds),
+        "both-down": Outage("both", "down", seconds, **slow),
         "flap": Outage("both", "flap", flap_s, period_s=4.0),
     }
+
+
+LEAD_IN_MS = 800.0
+LEAD_IN_S = 5.0
 
 
 @dataclass
@@ -535,6 +545,10 @@ async def _inject_outages(cfg: Config, proxies: Proxies | None, gate: _Gate, rep
         await gate.reached(cfg.requests * n // (len(cfg.outages) + 1))
         if outage.stops_the_broker:
             await gate.pause()
+        if outage.lead_in_s and outage.lead_in_ms:
+            proxies.broker.set(ProxyFault.LATENCY, ms=outage.lead_in_ms,
+                               seconds=outage.lead_in_s + 60)
+            await asyncio.sleep(outage.lead_in_s)
         at = time.monotonic() - t0
         try:
             targets = proxies.of(outage.target)

@@ -1,32 +1,31 @@
 """10,000 hypothesis-made records against running nodes, among valid requests: every record
-ends as a dead letter or a failed (or, when valid, finished) workflow; the valid traffic is
-counted exactly; the nodes keep running."""
+ends as exactly one dead letter or exactly one terminal workflow, the one an independent oracle
+expects; the valid traffic is counted exactly; the nodes keep running.
+
+Which records must become workflows, and how those end, is decided by tests/oracle.py (json
+and jsonschema against the exported envelope schema, plus the rules restated there), never by
+the orchestrator's own ``admit()``. The nodes run as `stampflow run` processes: alive at the
+end (``poll() is None``) and exiting 0 on SIGTERM.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
+import time
+from collections import Counter
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-from contracts.events import derive_id
-from nodes.deadletter import parse_dead_letter
-from nodes.orchestrator.admission import Admission, Admitted, Refused, Unreadable, admit
+from stampflow.app import prepare
 from tests.fuzz import RECORDS
-from tests.integration.stack import (
-    aggregates,
-    fetch,
-    read_topic,
-    reconcile,
-    running_stack,
-    settings_for,
-    wait_for,
-)
+from tests.integration.fuzz_run import grouped, run_records
+from tests.integration.stack import settings_for
+from tests.oracle import DEAD_LETTER, ContentRoot, Expectation, Oracle, summarize
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,73 +47,63 @@ def fuzz_records(n: int) -> list[bytes]:
     return drawn
 
 
-def _request_id(answer: Admission) -> UUID | None:
-    if isinstance(answer, Refused):
-        return answer.request_id
-    if isinstance(answer, Admitted):
-        return answer.request.event_id
-    return None
+def distinct_requests(raws: list[bytes], oracle: Oracle, n: int,
+                      ) -> tuple[list[bytes], list[Expectation]]:
+    """A request id names one request (README, "Exactly once"); hypothesis reuses ids, so a
+    record whose id (as any reader might take it) was drawn before gets a fresh one, its other
+    fields as drawn. Ids are read by the oracle, not by the orchestrator."""
+    rng = random.Random(11)
+    records: list[bytes] = []
+    expected: list[Expectation] = []
+    seen: set[UUID] = set()
+    for raw in raws:
+        expect = oracle.expect(raw)
+        if expect.request_ids & seen:
+            doc = json.loads(raw)
+            doc["event_id"] = str(UUID(int=rng.getrandbits(128), version=4))
+            raw = json.dumps(doc).encode()
+            expect = oracle.expect(raw)
+            if expect.request_ids & seen:
+                continue
+        seen |= expect.request_ids
+        records.append(raw)
+        expected.append(expect)
+        if len(records) == n:
+            break
+    return records, expected
 
 
 async def test_ten_thousand_fuzz_records_against_running_nodes(
     services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    # A request id names one request: a second, different request under the same id is taken
-    # for a redelivery (README, "Exactly once"). Hypothesis reuses ids, so a record whose id
-    # was drawn before gets a fresh one (its other fields stay as drawn).
-    rng = random.Random(11)
-    records, answers, seen = [], [], set()
-    for raw in fuzz_records(int(FUZZ_CASES * 1.05)):
-        answer = admit(raw)
-        if _request_id(answer) in seen:
-            doc = json.loads(raw)
-            doc["event_id"] = str(UUID(int=rng.getrandbits(128), version=4))
-            raw = json.dumps(doc).encode()
-            answer = admit(raw)
-        rid = _request_id(answer)
-        if rid is not None:
-            if rid in seen:
-                continue
-            seen.add(rid)
-        records.append(raw)
-        answers.append(answer)
-    assert len(records) >= FUZZ_CASES
-    unreadable = sum(isinstance(a, Unreadable) for a in answers)
-    workflow_ids = {derive_id(a.request_id if isinstance(a, Refused) else a.request.event_id,
-                              "workflow")
-                    for a in answers if isinstance(a, Refused | Admitted)}
-    assert len(workflow_ids) == len(answers) - unreadable
-    assert unreadable > 100 and len(workflow_ids) > 100  # the fuzz reaches both outcomes
+    t0 = time.monotonic()
+    content = ContentRoot(tmp_path / "content")
+    content.add_file("a.txt", b"a file the fuzz's paths name\n")  # tests/fuzz.py's paths
+    content.add_file("sub/dir/file", b"and one further down\n")
+    oracle = Oracle(content, max_content_bytes=64 * 1024 * 1024)  # no model is installed
+    records, expected = distinct_requests(fuzz_records(int(FUZZ_CASES * 1.05)), oracle,
+                                          FUZZ_CASES)
+    assert len(records) == FUZZ_CASES
+    letters = sum(e.outcomes == {DEAD_LETTER} for e in expected)
+    workflows = sum(DEAD_LETTER not in e.outcomes for e in expected)
+    assert letters > 100 and workflows > 100, (letters, workflows)  # both outcomes reached
+    t_judged = time.monotonic()
 
     endpoints = services.endpoints.with_database(fresh_database_url)
-    settings_ = settings_for(endpoints, topic_prefix, tmp_path)
-    async with running_stack(settings_, endpoints) as stack:
-        for i, raw in enumerate(records):
-            await stack.client.publish_raw(raw, f"k{i % 7}".encode(), wait=False)
-            if i % 20 == 0:  # valid traffic, interleaved
-                await stack.client.submit_stamp("control", content=f"valid {i}".encode(),
-                                                wait=False)
-        await stack.client.flush()
-        valid = len(range(0, len(records), 20))
-        expected = len(workflow_ids) + valid
-
-        async def all_terminal() -> bool:
-            rows = await fetch(fresh_database_url, "SELECT count(*) AS n FROM workflows "
-                                                   "WHERE state IN ('completed', 'failed')")
-            return int(rows[0]["n"]) >= expected
-
-        await wait_for(all_terminal, 240, f"{expected} terminal workflows")
-        assert all(not t.done() for t in asyncio.all_tasks() if t.get_name() in (
-            "orchestrator", "reducer")), "a node stopped"
-        letters = await read_topic(endpoints.bootstrap_servers,
-                                   settings_.dlq_topic(settings_.requests_topic), unreadable)
-    rows = await fetch(fresh_database_url, "SELECT workflow_id, namespace, state FROM workflows")
-    fuzzed = {r["workflow_id"] for r in rows if r["namespace"] != "control"}
-    assert fuzzed == workflow_ids
-    assert all(r["state"] in ("completed", "failed") for r in rows)
-    originals = {(d["partition"], d["offset"]) for d in
-                 (parse_dead_letter(rec.value) for rec in letters)}
-    assert len(originals) == unreadable
-    control = (await aggregates(fresh_database_url))["control"]
-    assert (control["workflows"], control["completed"], control["stamps"]) == (valid,) * 3
-    assert await reconcile(fresh_database_url) == []
+    settings_ = settings_for(endpoints, topic_prefix, content.root)
+    await prepare(settings_, endpoints)
+    env = {"STAMPFLOW_LOG_LEVEL": "WARNING",
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # an empty cache, offline
+    logs = tmp_path / "logs"
+    labels = ["json" if raw[:1] in b"{[" else "bytes" for raw in records]
+    run = await run_records(records, expected, labels, settings=settings_,
+                            endpoints=endpoints, env=env, logs=logs, control_every=20,
+                            source="fuzz-node")
+    control = Counter(r["state"] for r in run.workflows.values() if r["namespace"] == "control")
+    print(f"\nfuzz node: {len(records)} records (derandomized) + {len(run.control)} ordinary; "
+          f"expected {summarize(expected)}; {run.summary()}; judged in "
+          f"{t_judged - t0:.0f}s")
+    assert control["completed"] >= len(run.control)
+    if run.problems:
+        pytest.fail(f"{len(run.problems)} problem(s) (logs in {logs}):\n"
+                    + grouped(run.problems), pytrace=False)

@@ -27,7 +27,14 @@ from stampflow.client import Client
 from stampflow.errors import ServiceUnavailable
 from stampflow.services import check_broker, check_database
 from tests.faultproxy import Fault, FaultProxy
-from tests.integration.campaign import Config, Outage, Proxies, run_campaign
+from tests.integration.campaign import (
+    LEAD_IN_MS,
+    LEAD_IN_S,
+    Config,
+    Outage,
+    Proxies,
+    run_campaign,
+)
 from tests.integration.stack import (
     NodeProcess,
     aggregates,
@@ -76,7 +83,7 @@ async def test_every_connection_goes_through_the_proxies(proxied_services, topic
 
 # --- the campaign under each outage ------------------------------------------------------------
 
-OUTAGES = {  # id: (target, fault, CI seconds)
+OUTAGES = {  # id: (target, fault, CI seconds): the broker's after a lead-in (campaign.py)
     # The orchestrator's retries reached ~1,000 consecutive broker failures in 125 s of a
     # 150 s outage with ~150 records in flight (the first ~20 s fail nothing: produce requests
     # time out after 15 s); 210 s passes 1,024 with room to spare.
@@ -98,16 +105,18 @@ async def test_campaign_under_an_outage_loses_nothing_and_every_node_survives(
     ps = proxied_services
     # Published fast, so the orchestrator holds a full window of in-flight records (and a
     # backlog) when the outage begins, halfway through.
-    cfg = Config(requests=4000, kills=0, freezes=0, postgres_restarts=0,
+    lead_in = ({"lead_in_ms": LEAD_IN_MS, "lead_in_s": LEAD_IN_S}
+               if target != "postgres" and fault != "flap" else {})
+    outage = Outage(target, fault, seconds, **lead_in)
+    cfg = Config(requests=6000, kills=0, freezes=0, postgres_restarts=0,
                  second_orchestrator=False, rate=2000.0, generation_share=0.0,
-                 outages=(Outage(target, fault, seconds),), stall_timeout_s=150.0,
-                 drain_timeout_s=900.0)
+                 outages=(outage,), stall_timeout_s=150.0, drain_timeout_s=900.0)
     t0 = time.monotonic()
     report = await run_campaign(cfg, ps.endpoints, ps.postgres, ps.broker, tmp_path,
                                 topic_prefix=topic_prefix,
                                 proxies=Proxies(ps.broker_proxy, ps.postgres_proxy))
     took = time.monotonic() - t0
-    assert [f.what for f in report.faults] == [Outage(target, fault, seconds).name]
+    assert [f.what for f in report.faults] == [outage.name]
     assert report.failures == [], (f"{which} ({took:.0f}s):\n" + "\n".join(report.failures))
     assert report.checks["workflows"] == report.workflows_expected
     assert report.checks["stampflow_check_exit"] == 0
@@ -157,6 +166,11 @@ async def _burst(ps: Any, settings: Any, start: int, n: int) -> None:
         await client.flush()
 
 
+async def _lead_in(broker_proxy: FaultProxy, seconds: float = 3.0) -> None:
+    broker_proxy.set(Fault.LATENCY, ms=LEAD_IN_MS, seconds=seconds + 60)
+    await asyncio.sleep(seconds)
+
+
 def _terminate(proc: NodeProcess, timeout: float) -> tuple[int | None, float]:
     """SIGTERM; (exit code, seconds taken), or (None, timeout) if it outlived ``timeout``."""
     try:
@@ -186,7 +200,8 @@ async def test_sigterm_during_an_outage_ends_each_node_within_30s_and_loses_noth
     failures: list[str] = []
     try:
         await _burst(ps, settings, 0, BURST)
-        await asyncio.sleep(0.5)  # the orchestrator is in the middle of the burst
+        if "broker" in targets:  # the orchestrator's window fills while the broker is slow
+            await _lead_in(ps.broker_proxy)
         for proxy in proxies:
             proxy.set(fault, seconds=300)  # the proxy's own deadman, should this test stall
         await asyncio.sleep(10)  # long enough for every node to meet the outage
@@ -252,7 +267,7 @@ async def test_a_minute_of_refused_broker_logs_boundedly(
 
     try:
         await _burst(ps, settings, 0, BURST)
-        await asyncio.sleep(0.5)
+        await _lead_in(ps.broker_proxy)
         with ps.broker_proxy.fault(Fault.DOWN, seconds=180):
             # The first seconds hold what the outage interrupted (each in-flight record says
             # so once); what is measured is the minute after, when only repetition is left.

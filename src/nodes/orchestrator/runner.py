@@ -294,6 +294,8 @@ class Orchestrator:
                     log.warning("publish failed; retrying", error=str(err) or type(err).__name__,
                                 wait_s=round(wait, 3), attempt=backoff.attempt,
                                 offset=record.offset, partition=record.partition, throttle=True)
+                except Stopping:
+                    raise  # from a dead letter in _process: the record stays unfinished
                 except Exception as err:  # noqa: BLE001 - a bug must not lose the record
                     log.exception("unexpected error; sending the record to the dead-letter topic",
                                   offset=record.offset, partition=record.partition)
