@@ -20,6 +20,8 @@ import base64
 import json
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,30 @@ NASTY_UNITS: tuple[str, ...] = (
 ASTRAL = "\U0001F600"
 TEXT_PATTERN: str = ENVELOPE_SCHEMA["properties"]["source"]["pattern"]  # ^[^\x00]*$
 PATH_SCHEMA = next(b for b in STAMP["properties"]["path"]["anyOf"] if b.get("type") == "string")
+
+
+@contextmanager
+def reproducible_draws() -> Iterator[None]:
+    """Hypothesis also draws constants it finds in the local modules loaded so far (here the
+    src/ packages), so the same seed would draw differently depending on which modules a test
+    run happened to import (one file, or the whole suite) and on every constant anyone adds to
+    src/. Inside this block it draws only its own global constants: a seed means one draw.
+    A hypothesis without that machinery is left as it is."""
+    try:
+        from hypothesis.internal.conjecture import providers
+        empty = type(providers._local_constants)()
+        saved = providers._get_local_constants
+        cache = providers.CONSTANTS_CACHE.cache
+    except (ImportError, AttributeError, TypeError):
+        yield
+        return
+    cache.clear()
+    providers._get_local_constants = lambda: empty  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        providers._get_local_constants = saved  # type: ignore[assignment]
+        cache.clear()
 
 
 def fill(unit: str, length: int) -> str:

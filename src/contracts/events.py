@@ -6,6 +6,8 @@ is the envelope's namespace, so one namespace keeps its order inside one partiti
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from datetime import UTC, datetime
@@ -14,12 +16,14 @@ from uuid import UUID, uuid5
 
 from pydantic import (
     AwareDatetime,
-    Base64Bytes,
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
+    PlainValidator,
     StringConstraints,
     TypeAdapter,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -52,10 +56,53 @@ MIN_SIDE, MAX_SIDE = 16, 4096
 MIN_STEPS, MAX_STEPS = 1, 100
 
 
+def _type_required(schema: dict[str, Any]) -> None:
+    """In the exported JSON Schema, a payload's ``type`` is required: the envelope's union is
+    discriminated by it, and the model refuses a payload without it."""
+    if "type" in schema.get("properties", {}):
+        required = schema.setdefault("required", [])
+        if "type" not in required:
+            required.insert(0, "type")
+
+
 class Frozen(BaseModel):
     """Base of every contract model: immutable, unknown fields rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_type_required)
+
+
+# Base64 as RFC 4648 writes it, checked strictly: a character outside the alphabet or missing
+# padding is refused (a lenient decoder dropped them silently: "-_-_" was stamped as empty
+# content). The JSON Schema says the same with a pattern.
+# Canonical too: the bits that padding leaves over are zero ("YR==" is refused, "YQ==" is "a").
+BASE64_PATTERN = (r"^(?:[A-Za-z0-9+/]{4})*"
+                  r"(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$")
+
+
+def _strict_base64(value: object) -> bytes:
+    if isinstance(value, str):
+        if not value.isascii():
+            raise ValueError("base64 is ASCII only")
+        value = value.encode("ascii")
+    if not isinstance(value, bytes | bytearray):
+        raise ValueError("expected base64 text")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"not strict base64: {err}") from None
+    # Only the last quantum can carry padding, and with it bits a decoder would drop.
+    tail = 1 if value.endswith(b"==") else 2 if value.endswith(b"=") else 0
+    if tail and base64.b64encode(raw[-tail:]) != bytes(value[-4:]):
+        raise ValueError("not canonical base64: the padding bits are not zero")
+    return raw
+
+
+Base64Content = Annotated[
+    bytes,
+    PlainValidator(_strict_base64),
+    PlainSerializer(lambda raw: base64.b64encode(raw), return_type=bytes),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN}),
+]
 
 
 # --- requests -----------------------------------------------------------------------------------
@@ -66,14 +113,11 @@ class StampRequested(Frozen):
 
     # "Exactly one of path and content" in the exported JSON Schema too (a null counts as
     # absent, as in the model).
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": ["path"], "properties": {"path": {"type": "string"}}},
-        {"required": ["content"], "properties": {"content": {"type": "string"}}},
-    ]})
+    model_config = ConfigDict(json_schema_extra=lambda schema: _stamp_schema(schema))
 
     type: Literal["stamp.requested"] = "stamp.requested"
     path: Text | None = Field(default=None, min_length=1, max_length=4096)
-    content: Base64Bytes | None = None
+    content: Base64Content | None = None
     content_type: Text | None = Field(default=None, max_length=255)
 
     @model_validator(mode="after")
@@ -81,6 +125,14 @@ class StampRequested(Frozen):
         if (self.path is None) == (self.content is None):
             raise ValueError("give exactly one of 'path' or 'content'")
         return self
+
+
+def _stamp_schema(schema: dict[str, Any]) -> None:
+    _type_required(schema)
+    schema["oneOf"] = [
+        {"required": ["path"], "properties": {"path": {"type": "string"}}},
+        {"required": ["content"], "properties": {"content": {"type": "string"}}},
+    ]
 
 
 class GenerationRequested(Frozen):
@@ -197,8 +249,22 @@ REQUEST_TYPES = frozenset({"stamp.requested", "generation.requested"})
 RESULT_TYPES = frozenset(EVENT_TYPES) - REQUEST_TYPES
 
 
+def _envelope_schema(schema: dict[str, Any]) -> None:
+    """``event_type`` is one of the event types and names the payload's ``type``: said in the
+    exported JSON Schema too."""
+    types = sorted(EVENT_TYPES)
+    schema["properties"]["event_type"]["enum"] = types
+    schema["allOf"] = [
+        {"if": {"properties": {"event_type": {"const": t}}, "required": ["event_type"]},
+         "then": {"properties": {"payload": {"properties": {"type": {"const": t}}}}}}
+        for t in types
+    ]
+
+
 class Envelope(Frozen):
     """What travels on every topic. ``event_type`` repeats the payload's ``type``."""
+
+    model_config = ConfigDict(json_schema_extra=_envelope_schema)
 
     event_id: UUID
     event_type: str

@@ -74,7 +74,7 @@ def parse_dead_letter(raw: bytes) -> dict[str, Any]:
     return doc
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # every line break str.splitlines knows
 MAX_FIELD_CHARS = 120
 
 

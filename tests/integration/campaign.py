@@ -358,6 +358,20 @@ class Nodes:
                 codes[f"{node}[{i}]"] = code
         return codes, failures
 
+    def wait_started(self, timeout: float) -> list[str]:
+        """Wait until every node process says it runs (a replacement started by a late kill may
+        still be importing: SIGTERM then finds no handler yet); a failure for each that did not."""
+        deadline = time.monotonic() + timeout
+        waiting = [(node, i, proc) for node, procs in self.running.items()
+                   for i, proc in enumerate(procs)]
+        while waiting and time.monotonic() < deadline:
+            waiting = [(node, i, proc) for node, i, proc in waiting
+                       if proc.proc.poll() is None and not _says_running(proc.log_path)]
+            if waiting:
+                time.sleep(0.2)
+        return [f"{node}[{i}] (pid {proc.proc.pid}) did not start within {timeout:g}s: "
+                f"{_log_tail(proc.log_path)}" for node, i, proc in waiting]
+
     def dead(self) -> list[str]:
         """Every node process of the run that exited by itself (the killed ones were replaced
         and left this list), with its exit code and the end of its log."""
@@ -370,6 +384,13 @@ class Nodes:
         for procs in self.running.values():
             for proc in procs:
                 proc.kill()
+
+
+def _says_running(log: Path) -> bool:
+    try:
+        return b'"nodes running"' in log.read_bytes()
+    except OSError:
+        return False
 
 
 def _log_tail(path: Path, chars: int = 1200) -> str:
@@ -440,6 +461,7 @@ async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, brok
         report.drain_s = time.monotonic() - drain_start
         report.peak_rss_mb = nodes_peak_rss(nodes)
         # Every node outlived the faults: none exited by itself, or hung up for good.
+        report.failures += await asyncio.to_thread(nodes.wait_started, 120.0)
         report.failures += nodes.dead()
         report.exit_codes, unterminated = nodes.terminate_all()
         report.failures += unterminated

@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from blake3 import blake3
 
@@ -33,6 +32,8 @@ from stampflow.services import Endpoints
 from stampflow.settings import Settings
 from tests.integration.stack import NodeProcess, fetch, reconcile
 from tests.oracle import DEAD_LETTER, Expectation, Outcome, one_line
+
+CONTROL_IDS = UUID("6b1d5e8a-58c4-4f0e-9a51-0c8f3d7e2a10")  # uuid5 namespace of ordinary ids
 
 
 @dataclass
@@ -72,6 +73,11 @@ async def run_records(
     """Publish ``records`` (one ordinary stamp request after every ``control_every``), run the
     nodes as processes until every record is accounted for, and judge the outcome."""
     run = Run()
+    taken: set[UUID] = set()
+    for expect in expected:
+        if expect.request_ids & taken:
+            raise AssertionError(f"two records share a request id: {sorted(expect.request_ids)}")
+        taken |= expect.request_ids
     await asyncio.to_thread(logs.mkdir, exist_ok=True)
     orchestrator = NodeProcess("orchestrator", settings, logs / "orchestrator.log", env)
     reducer = NodeProcess("reducer", settings, logs / "reducer.log", env)
@@ -85,7 +91,10 @@ async def run_records(
                 await client.publish_raw(raw, record_key(raw, i), wait=False)
                 if i % control_every == 0:
                     data = f"ordinary request {i}".encode()
-                    event_id = UUID(int=random.Random(i).getrandbits(128), version=4)
+                    # Not from random.Random(i): hypothesis's uuids() are Random(seed) bits,
+                    # and a small seed is a likely draw, so a record could share the id.
+                    event_id = uuid5(CONTROL_IDS, str(i))
+                    assert event_id not in taken, f"ordinary request {i} has a record's id"
                     await client.submit_stamp("control", content=data, event_id=event_id,
                                               wait=False)
                     run.control[event_id] = data
@@ -178,7 +187,12 @@ def _judge(records: Sequence[bytes], expected: Sequence[Expectation], labels: Se
         unclaimed[raw] -= mine
         got = _actual(run.workflows[found[0]] if found else None, mine)
         if isinstance(got, str) or not expect.allows(got):
-            problems.append(f"[{label}] expected {expect.describe()}; got {got}\n"
+            seen = run.workflows[found[0]] if found else None
+            detail = "" if seen is None else (
+                f"\n    workflow {seen['workflow_id']}: hash {seen['hash']}, "
+                f"reason {seen['reason']!r:.200}; expected hashes "
+                f"{sorted(str(o.hash) for o in expect.outcomes)}")
+            problems.append(f"[{label}] expected {expect.describe()}; got {got}{detail}\n"
                             f"    record: {raw[:400]!r}{'...' if len(raw) > 400 else ''}")
     for event_id, data in run.control.items():
         wf = derive_id(event_id, "workflow")

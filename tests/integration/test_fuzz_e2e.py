@@ -34,7 +34,13 @@ from stampflow.app import prepare
 from tests.integration.fuzz_run import grouped, run_records
 from tests.integration.stack import fetch, settings_for
 from tests.oracle import ContentRoot, Expectation, Oracle, summarize
-from tests.schema_strategies import Case, PathWorld, installed_generations, nasty_requests
+from tests.schema_strategies import (
+    Case,
+    PathWorld,
+    installed_generations,
+    nasty_requests,
+    reproducible_draws,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -93,7 +99,8 @@ def draw_cases(n: int, world: PathWorld) -> list[Case]:
     def collect(case: Case) -> None:
         drawn.append(case)
 
-    collect()
+    with reproducible_draws():
+        collect()
     return drawn
 
 

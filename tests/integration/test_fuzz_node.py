@@ -26,6 +26,7 @@ from tests.fuzz import RECORDS
 from tests.integration.fuzz_run import grouped, run_records
 from tests.integration.stack import settings_for
 from tests.oracle import DEAD_LETTER, ContentRoot, Expectation, Oracle, summarize
+from tests.schema_strategies import reproducible_draws
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,7 +44,8 @@ def fuzz_records(n: int) -> list[bytes]:
     def collect(raw: bytes) -> None:
         drawn.append(raw)
 
-    collect()
+    with reproducible_draws():
+        collect()
     return drawn
 
 

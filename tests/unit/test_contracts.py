@@ -251,3 +251,25 @@ def test_the_exported_schema_says_exactly_one_of_path_and_content() -> None:
 def test_a_namespace_with_a_trailing_newline_is_not_readable() -> None:
     raw = json.dumps({**_request(content="eA=="), "namespace": "acme\n"}).encode()
     assert probe_identity(raw) is None
+
+
+@pytest.mark.parametrize("text", ["-_-_", "\u2028YQ==", "YQ", "YR==", "YQ==\n", "Y Q=="])
+def test_inline_content_is_strict_base64(text: str) -> None:
+    """Found by the end-to-end fuzz: a lenient decoder dropped what it did not know, so
+    "-_-_" was stamped as empty content and "\\u2028YQ==" as b"a"."""
+    with pytest.raises(ValidationError):
+        StampRequested(content=text)
+
+
+def test_the_exported_envelope_ties_event_type_to_the_payload() -> None:
+    import jsonschema
+
+    from contracts.schema import schemas
+
+    validator = jsonschema.Draft202012Validator(schemas()["envelope.schema.json"])
+    good = _request(content="YQ==")
+    assert validator.is_valid(good)
+    assert not validator.is_valid({**good, "event_type": "generation.requested"})
+    assert not validator.is_valid({**good, "payload": {"content": "YQ=="}})  # no type
+    assert not validator.is_valid({**good, "payload": {"type": "stamp.requested",
+                                                       "content": "-_-_"}})

@@ -95,6 +95,16 @@ def test_a_newline_in_a_field_name_does_not_split_the_reason() -> None:
     assert "\n" not in answer.reason and "evil\\nkey" in answer.reason
 
 
+@pytest.mark.parametrize("brk", ["\\u0085", "\\u2028", "\\u001c", "\\u000b", "\\r"])
+def test_no_line_break_of_any_kind_splits_the_reason(brk: str) -> None:
+    """Found by the end-to-end fuzz: U+0085 (next line) is a line break to Unicode and to
+    ``str.splitlines``, and went into the reason as it was."""
+    key = f'"evil{brk}key"'.encode()
+    answer = admit(VALID.replace(b'"source"', key + b': 1, "source"'))
+    assert isinstance(answer, Refused)
+    assert len(answer.reason.splitlines()) == 1, answer.reason
+
+
 @pytest.mark.parametrize(("field", "value", "where"), [
     ("prompt", "x" * (MAX_PROMPT_CHARS + 1), "payload.generation.requested.prompt"),
     ("negative_prompt", "x" * (MAX_PROMPT_CHARS + 1),
