@@ -27,9 +27,11 @@ from aiokafka.errors import (
 from contracts.nodes import RetryPolicy
 from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, dead_letter, dead_letter_key, dlq_topic
 from stampflow.observability import DLQ_RECORDS, RETRIES
-from stampflow.resilience import Backoff, sleep_unless
+from stampflow.resilience import Backoff, Stopping, sleep_unless
 
 log = structlog.get_logger("stampflow.publishing")
+
+__all__ = ["FINAL_PUBLISH_ERRORS", "DeadLetters", "EventPublisher", "Stopping"]
 
 FINAL_PUBLISH_ERRORS: tuple[type[KafkaError], ...] = (
     MessageSizeTooLargeError,
@@ -46,11 +48,6 @@ class EventPublisher(Protocol):
     async def send(self, topic: str, value: bytes, key: bytes | None) -> None: ...
 
     async def send_many(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None: ...
-
-
-class Stopping(Exception):  # noqa: N818 - a signal, not an error
-    """The node was told to stop while this record's work was not acknowledged: the record
-    stays uncommitted and is done again by whoever owns its partition next."""
 
 
 class DeadLetters:

@@ -28,7 +28,7 @@ from stampflow.bus import ensure_topics, make_consumer, make_producer
 from stampflow.errors import ServiceUnavailable
 from stampflow.migrate import migrate
 from stampflow.observability import HealthServer, redact
-from stampflow.resilience import Backoff, sleep_unless
+from stampflow.resilience import Backoff, bounded, sleep_unless
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
@@ -114,16 +114,6 @@ async def until_ready(what: str, call: Callable[[], Awaitable[T]],
     return None
 
 
-async def bounded(call: Awaitable[Any], what: str, seconds: float = 3.0) -> None:
-    """Await ``call`` for at most ``seconds`` while shutting down; a service that hangs must
-    not hold the process."""
-    try:
-        await asyncio.wait_for(call, seconds)
-    except Exception as err:  # noqa: BLE001 - shutting down: note it and go on
-        log.warning(f"{what} did not finish cleanly while stopping",
-                    error=redact(str(err)) or type(err).__name__)
-
-
 def exit_deadline(seconds: float) -> None:
     """The last net under a stopping process: exit after ``seconds`` whatever is still
     running. A daemon thread, so it fires even if the event loop is stuck."""
@@ -179,12 +169,14 @@ async def run_nodes(
                                      stop)
         if producer is None:
             return running
-        stack.push_async_callback(bounded, producer.stop(), "producer stop")
+        stack.push_async_callback(bounded, producer.stop(), "producer stop", 3.0, log.warning)
         publisher = KafkaPublisher(producer)
         tasks: list[asyncio.Task[None]] = []
         if "orchestrator" in nodes:
             inference = build_inference(settings, contracts)
-            stack.push_async_callback(inference.aclose)
+            # Work in progress stops between denoising steps once its request is cancelled.
+            stack.push_async_callback(bounded, inference.aclose(), "inference close", 5.0,
+                                      log.warning)
             orchestrator = build_orchestrator(settings, endpoints, contracts, publisher,
                                               inference)
             running.orchestrators.append(orchestrator)
@@ -203,7 +195,8 @@ async def run_nodes(
         health = HealthServer(running.ready, port=settings.http_port)
         await health.start()
         running.health = health
-        stack.push_async_callback(bounded, health.stop(), "health server stop")
+        stack.push_async_callback(bounded, health.stop(), "health server stop", 3.0,
+                                  log.warning)
         if settings.gc_tuning:
             tune_gc()
         log.info("nodes running", nodes=list(nodes), health_port=health.port)
@@ -223,7 +216,7 @@ async def _started_producer(settings: Settings, endpoints: Endpoints) -> AIOKafk
     try:
         await producer.start()
     except BaseException:
-        await bounded(producer.stop(), "producer stop")
+        await bounded(producer.stop(), "producer stop", 3.0, log.warning)
         raise
     return producer
 

@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from contracts.nodes import CircuitBreakerPolicy, RetryPolicy
 
@@ -116,6 +116,49 @@ class CircuitBreaker:
             self._state = BreakerState.OPEN
             self._opened_at = self._clock()
             self._trial_since = None
+
+
+class Stopping(Exception):  # noqa: N818 - a signal, not an error
+    """The node was told to stop before this work was acknowledged: it stays uncommitted and
+    is done again by whoever owns its partition next."""
+
+
+async def unless_stopped(stop: asyncio.Event, call: Awaitable[T], *,
+                         unwind_s: float = 1.0) -> T:
+    """``call``, abandoned as soon as ``stop`` is set (then :class:`Stopping` is raised): a
+    service that hangs must not hold a stopping node. The abandoned call is cancelled and
+    given ``unwind_s`` to unwind."""
+    task = asyncio.ensure_future(call)
+    if not stop.is_set():
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=unwind_s)
+        raise Stopping
+    return task.result()
+
+
+async def bounded(call: Awaitable[Any], what: str, seconds: float,
+                  log: Callable[..., Any] | None = None) -> None:
+    """Await ``call`` for at most ``seconds`` on a node's way out, and go on whatever happens:
+    a timeout, an error, or a cancellation from inside a client library (aiokafka's consumer
+    stop re-raises its fetcher's). Only a cancellation of the caller itself goes through."""
+    try:
+        await asyncio.wait_for(call, seconds)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        if log is not None:
+            log(f"{what} was cancelled while stopping")
+    except Exception as err:  # noqa: BLE001 - shutting down: note it and go on
+        if log is not None:
+            log(f"{what} did not finish cleanly while stopping",
+                error=str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 async def sleep_unless(stop: asyncio.Event | None, seconds: float) -> bool:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -68,10 +68,17 @@ from stampflow.observability import (
     WORKFLOWS,
     WORKFLOWS_IN_FLIGHT,
 )
-from stampflow.resilience import Backoff, BreakerState, CircuitBreaker, CircuitOpen, sleep_unless
+from stampflow.resilience import (
+    Backoff,
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpen,
+    bounded,
+    sleep_unless,
+    unless_stopped,
+)
 
 log = structlog.get_logger("stampflow.orchestrator")
-T = TypeVar("T")
 
 __all__ = ["EventPublisher", "InferenceEffect", "Orchestrator", "OrchestratorConfig"]
 
@@ -92,7 +99,7 @@ class OrchestratorConfig:
     commit_interval_s: float = 0.2
     # On stop: how long in-flight workflows may take to finish, then how long each of the
     # broker calls on the way out may take. Together well inside 30 s.
-    shutdown_grace_s: float = 15.0
+    shutdown_grace_s: float = 12.0
     shutdown_call_s: float = 3.0
     group_id: str = "orchestrator"  # the consumer-lag metric's label
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
@@ -168,20 +175,9 @@ class Orchestrator:
         finally:
             self.ready = False
             await self._drain(consumer)
-            await self._bounded(consumer.stop(), "consumer stop")
+            await bounded(consumer.stop(), "consumer stop", self.config.shutdown_call_s,
+                          log.warning)
             log.info("orchestrator stopped", processed=self.processed)
-
-    async def _bounded(self, call: Awaitable[T], what: str) -> T | None:
-        """``call``, given at most ``shutdown_call_s`` once the node is stopping (a broker
-        that hangs must not hold the process), and the broker's own timeouts otherwise."""
-        if not self._stop.is_set():
-            return await call
-        try:
-            return await asyncio.wait_for(call, self.config.shutdown_call_s)
-        except (TimeoutError, KafkaError, OSError) as err:
-            log.warning(f"{what} did not finish while stopping", error=str(err) or
-                        type(err).__name__)
-            return None
 
     def _free_slots(self) -> int:
         return self.config.max_in_flight - self.tracker.in_flight()
@@ -224,8 +220,13 @@ class Orchestrator:
             return
         try:
             # Bounded: with the coordinator unreachable a commit waits for it indefinitely.
-            await asyncio.wait_for(consumer.commit(offsets),
-                                   self.config.shutdown_call_s if self._stop.is_set() else 10.0)
+            # Abandoned when a stop comes: the way out commits once more, briefly.
+            if self._stop.is_set():
+                await asyncio.wait_for(consumer.commit(offsets), self.config.shutdown_call_s)
+            else:
+                await unless_stopped(self._stop, asyncio.wait_for(consumer.commit(offsets), 10.0))
+        except Stopping:
+            return
         except CommitFailedError as err:
             # The group moved on (rebalance): the new owner re-runs these records, and the
             # deterministic ids make that harmless.

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from contracts.events import Envelope, decode
 from contracts.nodes import NodeContract
 from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, one_line
-from nodes.publishing import DeadLetters, EventPublisher, Stopping
+from nodes.publishing import DeadLetters, EventPublisher
 from nodes.reducer.store import BatchResult, ReducerStore
 from stampflow.observability import (
     CONSUMER_LAG,
@@ -42,7 +42,15 @@ from stampflow.observability import (
     REDUCER_EVENTS,
     RETRIES,
 )
-from stampflow.resilience import Backoff, CircuitBreaker, CircuitOpen, sleep_unless
+from stampflow.resilience import (
+    Backoff,
+    CircuitBreaker,
+    CircuitOpen,
+    Stopping,
+    bounded,
+    sleep_unless,
+    unless_stopped,
+)
 
 log = structlog.get_logger("stampflow.reducer")
 T = TypeVar("T")
@@ -132,19 +140,9 @@ class Reducer:
                         break  # nothing of this batch committed: re-delivered later
         finally:
             self.ready = False
-            await self._bounded(self.consumer.stop(), "consumer stop")
+            await bounded(self.consumer.stop(), "consumer stop", self.config.shutdown_call_s,
+                          log.warning)
             log.info("reducer stopped", applied=self.applied, duplicates=self.duplicates)
-
-    async def _bounded(self, call: Awaitable[T], what: str) -> T | None:
-        """``call``, given at most ``shutdown_call_s`` once the node is stopping."""
-        if not self._stop.is_set():
-            return await call
-        try:
-            return await asyncio.wait_for(call, self.config.shutdown_call_s)
-        except (TimeoutError, KafkaError, OSError) as err:
-            log.warning(f"{what} did not finish while stopping",
-                        error=str(err) or type(err).__name__)
-            return None
 
     async def _collect(self, stop: asyncio.Event) -> list[ConsumerRecord[bytes, bytes]]:
         records: list[ConsumerRecord[bytes, bytes]] = []
@@ -231,8 +229,9 @@ class Reducer:
         while True:
             try:
                 self.breaker.check()
-                result = await self._unless_stopped(
-                    asyncio.wait_for(call(), self.config.apply_timeout_s))
+                result = await unless_stopped(
+                    self._stop, asyncio.wait_for(call(), self.config.apply_timeout_s),
+                    unwind_s=self.config.shutdown_call_s)
                 self.breaker.success()
                 return result
             except CircuitOpen as err:
@@ -251,22 +250,6 @@ class Reducer:
             if await sleep_unless(self._stop, wait):
                 raise Stopping
 
-    async def _unless_stopped(self, call: Awaitable[T]) -> T:
-        """``call``, abandoned (and :class:`Stopping` raised) as soon as the node stops: a
-        database that hangs must not hold the process. The transaction it was in is rolled
-        back with its connection."""
-        task = asyncio.ensure_future(call)
-        stopping = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=self.config.shutdown_call_s)
-            raise Stopping
-        return task.result()
-
     async def _commit(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         offsets: dict[TopicPartition, int] = {}
         for record in records:
@@ -275,8 +258,10 @@ class Reducer:
         try:
             # Bounded: with the coordinator unreachable a commit waits for it indefinitely.
             # The batch is durable already; an uncommitted one is re-delivered and skipped.
-            await asyncio.wait_for(self.consumer.commit(offsets),
-                                   self.config.shutdown_call_s if self._stop.is_set() else 10.0)
+            commit = asyncio.wait_for(self.consumer.commit(offsets), 10.0)
+            await unless_stopped(self._stop, commit, unwind_s=self.config.shutdown_call_s)
+        except Stopping:
+            pass
         except CommitFailedError as err:
             log.warning("offset commit refused by the group; batch will be re-delivered "
                         "and skipped as already applied", error=str(err), throttle=True)
