@@ -270,7 +270,9 @@ def main() -> None:
             EmbeddedServices(Path(tmp) / "services", fast=True) as svc:
         work = Path(tmp) / "work"
         work.mkdir()
-        result = asyncio.run(main_async(args, svc.endpoints, work))
+        # The superuser creates a database per measurement (the owner role may not).
+        admin = Endpoints(svc.postgres.url(), svc.broker.bootstrap_servers)
+        result = asyncio.run(main_async(args, admin, work))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "load.md").write_text(markdown(result))

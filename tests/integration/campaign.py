@@ -928,7 +928,8 @@ def main() -> None:
                 FaultProxy(upstream=("127.0.0.1", svc.postgres.port), name="postgres") as pp:
             svc.broker.advertised_port = bp.listen_port
             with svc:
-                endpoints = Endpoints(svc.postgres.url().replace(
+                # The nodes log in as the owner role, as they would in production.
+                endpoints = Endpoints(svc.database_url.replace(
                     f":{svc.postgres.port}/", f":{pp.listen_port}/"), svc.broker.bootstrap_servers)
                 work = Path(tmp) / "work"
                 work.mkdir()

@@ -330,6 +330,7 @@ class Orchestrator:
     async def _execute(self, workflow: Workflow, commands: list[Command],
                        request: Envelope) -> None:
         pending: list[tuple[bytes, bytes]] = []
+        finished: list[str] = []
         queue = list(commands)
         while queue:
             command = queue.pop(0)
@@ -357,12 +358,14 @@ class Orchestrator:
                     self._timed(t0, more)
                     queue[:0] = more
                 case Finished(state=state):
-                    WORKFLOWS.labels(workflow.kind, state).inc()
-                    WORKFLOW_LATENCY.labels(workflow.kind).observe(
-                        max(0.0, (self.clock() - request.occurred_at).total_seconds()))
-                    log.info("workflow finished", workflow_id=str(workflow.workflow_id),
-                             kind=workflow.kind, state=state)
+                    finished.append(state)
         await self._flush(pending)
+        for state in finished:  # only once its events are acknowledged
+            WORKFLOWS.labels(workflow.kind, state).inc()
+            WORKFLOW_LATENCY.labels(workflow.kind).observe(
+                max(0.0, (self.clock() - request.occurred_at).total_seconds()))
+            log.info("workflow finished", workflow_id=str(workflow.workflow_id),
+                     kind=workflow.kind, state=state)
 
     def _timed(self, t0: float, commands: list[Command]) -> None:
         elapsed = time.perf_counter() - t0
