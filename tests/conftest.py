@@ -22,6 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+# Imported (and so compiled by pytest's assertion rewriter) now, before any test starts a
+# thread: hypothesis's pytest plugin otherwise imports it lazily at the end of a session that
+# used none of it, and CPython 3.11.7 has been seen to fail that compile with a spurious
+# "SystemError: AST constructor recursion depth mismatch" (an INTERNALERROR for pytest).
+import hypothesis  # noqa: F401
 import pytest
 
 from stampflow.errors import StampflowError

@@ -455,6 +455,8 @@ class FaultProxy:
                 return
             started.set()
             loop.run_forever()
+            # Connections still open: cancelled and awaited, so none is destroyed pending.
+            loop.run_until_complete(_cancel_all(asyncio.all_tasks(loop)))
             loop.close()
 
         self._thread = threading.Thread(target=run, name=self.name, daemon=True)
@@ -569,6 +571,12 @@ class FaultProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _cancel_all(tasks: set[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _address(text: str) -> tuple[str, int]:

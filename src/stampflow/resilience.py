@@ -123,18 +123,24 @@ class Stopping(Exception):  # noqa: N818 - a signal, not an error
     is done again by whoever owns its partition next."""
 
 
-async def unless_stopped(stop: asyncio.Event, call: Awaitable[T], *,
-                         unwind_s: float = 1.0) -> T:
-    """``call``, abandoned as soon as ``stop`` is set (then :class:`Stopping` is raised): a
-    service that hangs must not hold a stopping node. The abandoned call is cancelled and
-    given ``unwind_s`` to unwind."""
-    task = asyncio.ensure_future(call)
-    if not stop.is_set():
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
+async def unless_stopped(stop: asyncio.Event, call: Callable[[], Awaitable[T]], *,
+                         timeout: float | None = None, unwind_s: float = 1.0) -> T:
+    """``call()``, within ``timeout``, abandoned as soon as ``stop`` is set (then
+    :class:`Stopping` is raised): a service that hangs must not hold a stopping node. The
+    abandoned call is cancelled and given ``unwind_s`` to unwind. ``call`` is a factory, so
+    nothing is created that is never awaited when the stop came first."""
+    if stop.is_set():
+        raise Stopping
+
+    async def run() -> T:
+        return await asyncio.wait_for(call(), timeout)
+
+    task = asyncio.ensure_future(run())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
     if not task.done():
         task.cancel()
         await asyncio.wait({task}, timeout=unwind_s)

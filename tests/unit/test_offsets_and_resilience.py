@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -11,7 +12,15 @@ from hypothesis import strategies as st
 from contracts.nodes import CircuitBreakerPolicy, RetryPolicy
 from nodes.offsets import OffsetTracker
 from stampflow.observability import Throttle
-from stampflow.resilience import Backoff, BreakerState, CircuitBreaker, CircuitOpen, retry
+from stampflow.resilience import (
+    Backoff,
+    BreakerState,
+    CircuitBreaker,
+    CircuitOpen,
+    Stopping,
+    retry,
+    unless_stopped,
+)
 
 P = ("t", 0)
 
@@ -170,3 +179,24 @@ def test_throttle_lets_one_line_per_interval_and_counts_the_rest() -> None:
     assert t.admit("other") == 0  # another kind is not held back
     now[0] = 10.5
     assert t.admit("aiokafka", "Unable connect to node %s") == 1000
+
+
+async def test_unless_stopped_abandons_a_hanging_call_and_creates_nothing_once_stopped() -> None:
+    stop = asyncio.Event()
+    made: list[int] = []
+
+    async def hang() -> None:
+        made.append(1)
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(unless_stopped(stop, hang, unwind_s=0.5))
+    await asyncio.sleep(0.05)
+    stop.set()
+    with pytest.raises(Stopping):
+        await asyncio.wait_for(task, 2)
+    # Stopped already: the call is never made (no coroutine left un-awaited).
+    with pytest.raises(Stopping):
+        await unless_stopped(stop, hang)
+    assert made == [1]
+    with pytest.raises(TimeoutError):
+        await unless_stopped(asyncio.Event(), hang, timeout=0.05)

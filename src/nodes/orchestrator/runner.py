@@ -224,7 +224,7 @@ class Orchestrator:
             if self._stop.is_set():
                 await asyncio.wait_for(consumer.commit(offsets), self.config.shutdown_call_s)
             else:
-                await unless_stopped(self._stop, asyncio.wait_for(consumer.commit(offsets), 10.0))
+                await unless_stopped(self._stop, lambda: consumer.commit(offsets), timeout=10.0)
         except Stopping:
             return
         except CommitFailedError as err:

@@ -229,9 +229,9 @@ class Reducer:
         while True:
             try:
                 self.breaker.check()
-                result = await unless_stopped(
-                    self._stop, asyncio.wait_for(call(), self.config.apply_timeout_s),
-                    unwind_s=self.config.shutdown_call_s)
+                result = await unless_stopped(self._stop, call,
+                                              timeout=self.config.apply_timeout_s,
+                                              unwind_s=self.config.shutdown_call_s)
                 self.breaker.success()
                 return result
             except CircuitOpen as err:
@@ -258,8 +258,8 @@ class Reducer:
         try:
             # Bounded: with the coordinator unreachable a commit waits for it indefinitely.
             # The batch is durable already; an uncommitted one is re-delivered and skipped.
-            commit = asyncio.wait_for(self.consumer.commit(offsets), 10.0)
-            await unless_stopped(self._stop, commit, unwind_s=self.config.shutdown_call_s)
+            await unless_stopped(self._stop, lambda: self.consumer.commit(offsets),
+                                 timeout=10.0, unwind_s=self.config.shutdown_call_s)
         except Stopping:
             pass
         except CommitFailedError as err:
