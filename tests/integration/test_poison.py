@@ -58,12 +58,8 @@ async def test_values_the_database_refuses_never_stop_the_reducer(
             "correlation_id": str(nul), "occurred_at": "2026-01-01T00:00:00Z", "source": "x",
             "payload": {"type": "stamp.requested", "content": "eA==",
                         "content_type": "text/plain\u0000"}}).encode(), b"p1")
-        producer = make_producer(endpoints.bootstrap_servers)
-        await producer.start()
-        try:
-            await producer.send_and_wait(settings.events_topic, _hostile_event("p1"), key=b"p1")
-        finally:
-            await producer.stop()
+        await _publish(endpoints.bootstrap_servers, settings.events_topic,
+                       _hostile_event("p1"), b"p1")
         for i in range(100):
             await stack.client.submit_stamp("p1", content=f"after {i}".encode(), wait=False)
         await stack.client.flush()
@@ -97,12 +93,7 @@ async def test_a_record_near_the_size_limit_becomes_a_bounded_dead_letter(
     async with running_stack(settings, endpoints) as stack:
         await stack.client.publish_raw(big, b"p2")
         # The reducer's side: the same bytes on the events topic crashed it in a loop.
-        producer = make_producer(endpoints.bootstrap_servers)
-        await producer.start()
-        try:
-            await producer.send_and_wait(settings.events_topic, big, key=b"p2")
-        finally:
-            await producer.stop()
+        await _publish(endpoints.bootstrap_servers, settings.events_topic, big, b"p2")
         for i in range(50):
             await stack.client.submit_stamp("p2", content=f"after {i}".encode(), wait=False)
         await stack.client.flush()
@@ -119,6 +110,16 @@ async def test_a_record_near_the_size_limit_becomes_a_bounded_dead_letter(
         assert letter["value_truncated"] is True and letter["value_size"] == len(big)
         assert big.startswith(letter["value"]) and len(letter["value"]) > 500_000
     assert await reconcile(fresh_database_url) == []
+
+
+async def _publish(bootstrap: str, topic: str, value: bytes, key: bytes) -> None:
+    """Straight onto a topic, as a hostile producer would (no client-side validation)."""
+    producer = make_producer(bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
 
 
 async def _finished(url: str, n: int) -> bool:
