@@ -902,6 +902,9 @@ def main() -> None:
     p.add_argument("--broker-kills", type=int, default=0,
                    help="broker kill -9 and restart; runs the broker on S3 storage (a moto "
                         "server on 127.0.0.1: pip install 'moto[server]')")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="keep the services' data and the node logs here (default: a temporary "
+                        "folder, deleted at the end)")
     p.add_argument("--out", type=Path, default=None,
                    help="results path without suffix (default bench/results/faults-<N>)")
     args = p.parse_args()
@@ -916,7 +919,10 @@ def main() -> None:
                  generation_share=args.generation_share, drain_timeout_s=3600,
                  outages=tuple(known[n] for n in names), broker_kills=args.broker_kills)
     out = args.out or Path("bench/results") / f"faults-{args.requests}"
-    with tempfile.TemporaryDirectory(prefix="stampflow-campaign-") as tmp, \
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    kept = contextlib.nullcontext(str(args.work_dir.resolve())) if args.work_dir else None
+    with kept or tempfile.TemporaryDirectory(prefix="stampflow-campaign-") as tmp, \
             contextlib.ExitStack() as stack:
         svc = EmbeddedServices(Path(tmp) / "services", fast=True)
         if cfg.broker_kills:
