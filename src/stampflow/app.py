@@ -9,7 +9,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -24,7 +24,7 @@ from nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
 from nodes.reducer.runner import Reducer, ReducerConfig
 from nodes.reducer.store import ReducerStore
 from nodes.stamping import StampingNode
-from stampflow.bus import ensure_topics, make_consumer, make_producer
+from stampflow.bus import KafkaPublisher, ensure_topics, make_consumer, started_producer
 from stampflow.errors import ServiceUnavailable
 from stampflow.migrate import migrate
 from stampflow.observability import HealthServer, redact
@@ -36,36 +36,6 @@ log = structlog.get_logger("stampflow.app")
 
 NODE_NAMES = ("orchestrator", "reducer")
 T = TypeVar("T")
-
-
-class KafkaPublisher:
-    """:class:`~nodes.publishing.EventPublisher` over an aiokafka producer."""
-
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self._producer = producer
-
-    async def send(self, topic: str, value: bytes, key: bytes | None) -> None:
-        delivery = await self._producer.send(topic, value=value, key=key)
-        await delivery
-
-    async def send_many(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
-        """Sent in order, awaited together: one partition keeps the order they were sent in.
-        If one cannot even be queued (too large), the ones queued before it are still awaited,
-        then that error is raised; otherwise the first delivery error is."""
-        deliveries: list[asyncio.Future[Any]] = []
-        refused: KafkaError | None = None
-        for key, value in messages:
-            try:
-                deliveries.append(await self._producer.send(topic, value=value, key=key))
-            except KafkaError as err:
-                refused = err
-                break
-        results = await asyncio.gather(*deliveries, return_exceptions=True)
-        if refused is not None:
-            raise refused
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
 
 @dataclass
@@ -165,12 +135,15 @@ async def run_nodes(
     if not await until_ready("start-up", prepared, stop):
         return running
     async with AsyncExitStack() as stack:
-        producer = await until_ready("producer", lambda: _started_producer(settings, endpoints),
-                                     stop)
+        def start_producer() -> Awaitable[AIOKafkaProducer]:
+            return started_producer(endpoints.bootstrap_servers,
+                                    max_request_size=settings.max_message_bytes)
+
+        producer = await until_ready("producer", start_producer, stop)
         if producer is None:
             return running
-        stack.push_async_callback(bounded, producer.stop(), "producer stop", 3.0, log.warning)
-        publisher = KafkaPublisher(producer)
+        publisher = KafkaPublisher(producer, start_producer)
+        stack.push_async_callback(publisher.close)
         tasks: list[asyncio.Task[None]] = []
         if "orchestrator" in nodes:
             inference = build_inference(settings, contracts)
@@ -208,17 +181,6 @@ async def run_nodes(
             for task in tasks:
                 task.cancel()
     return running
-
-
-async def _started_producer(settings: Settings, endpoints: Endpoints) -> AIOKafkaProducer:
-    producer = make_producer(endpoints.bootstrap_servers,
-                             max_request_size=settings.max_message_bytes)
-    try:
-        await producer.start()
-    except BaseException:
-        await bounded(producer.stop(), "producer stop", 3.0, log.warning)
-        raise
-    return producer
 
 
 async def _close_pool(pool: asyncpg.Pool) -> None:

@@ -16,10 +16,12 @@ Callers may override any setting for a real Kafka cluster.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.consumer.group_coordinator import GroupCoordinator
@@ -27,6 +29,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 
 from stampflow.errors import ServiceUnavailable, StampflowError
+
+log = structlog.get_logger("stampflow.bus")
 
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 500
@@ -66,6 +70,102 @@ async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int,
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
+
+
+async def started_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
+    """:func:`make_producer`, started; stopped again (briefly) if it cannot start."""
+    producer = make_producer(bootstrap, **overrides)
+    try:
+        await producer.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), 3.0)
+        raise
+    return producer
+
+
+def _sender_died(producer: AIOKafkaProducer) -> BaseException | None:
+    """What ended the producer's background sender, if it ended. aiokafka ends it on an error
+    it did not expect (aio-libs/aiokafka#907); every send fails from then on, for good."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if task is None or not task.done():
+        return None
+    return task.exception() if not task.cancelled() else asyncio.CancelledError()
+
+
+class KafkaPublisher:
+    """:class:`nodes.publishing.EventPublisher` over an aiokafka producer. A producer whose
+    sender has died is replaced by a fresh one from ``start_producer`` (without it, every
+    record would be retried against a dead producer for ever); the replacement's own failure
+    to start is a :class:`KafkaConnectionError`, retried by the caller like any other."""
+
+    def __init__(self, producer: AIOKafkaProducer,
+                 start_producer: Callable[[], Awaitable[AIOKafkaProducer]] | None = None,
+                 ) -> None:
+        self._producer = producer
+        self._start = start_producer
+        self._lock = asyncio.Lock()
+        self._retired: set[asyncio.Task[None]] = set()
+        self.replaced = 0
+
+    async def _live(self) -> AIOKafkaProducer:
+        producer = self._producer
+        if self._start is None or (cause := _sender_died(producer)) is None:
+            return producer
+        async with self._lock:
+            if self._producer is producer:  # not replaced by another caller meanwhile
+                log.error("the Kafka producer's sender stopped; starting a new producer",
+                          cause=repr(cause))
+                try:
+                    self._producer = await self._start()
+                except KafkaError:
+                    raise
+                except (OSError, TimeoutError) as err:
+                    raise KafkaConnectionError(f"a new producer could not start: {err!r}"
+                                               ) from err
+                self.replaced += 1
+                retire = asyncio.create_task(_stop_quietly(producer))
+                self._retired.add(retire)
+                retire.add_done_callback(self._retired.discard)
+        return self._producer
+
+    async def send(self, topic: str, value: bytes, key: bytes | None) -> None:
+        producer = await self._live()
+        delivery = await producer.send(topic, value=value, key=key)
+        await delivery
+
+    async def send_many(self, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+        """Sent in order, awaited together: one partition keeps the order they were sent in.
+        If one cannot even be queued (too large), the ones queued before it are still awaited,
+        then that error is raised; otherwise the first delivery error is."""
+        producer = await self._live()
+        deliveries: list[asyncio.Future[Any]] = []
+        refused: KafkaError | None = None
+        for key, value in messages:
+            try:
+                deliveries.append(await producer.send(topic, value=value, key=key))
+            except KafkaError as err:
+                refused = err
+                break
+        results = await asyncio.gather(*deliveries, return_exceptions=True)
+        if refused is not None:
+            raise refused
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def close(self, timeout: float = 3.0) -> None:
+        """Stop the producer (what it holds is flushed, for at most ``timeout``)."""
+        await _stop_quietly(self._producer, timeout)
+        if self._retired:
+            await asyncio.wait(self._retired, timeout=timeout)
+
+
+async def _stop_quietly(producer: AIOKafkaProducer, timeout: float = 3.0) -> None:
+    try:
+        await asyncio.wait_for(producer.stop(), timeout)
+    except (Exception, asyncio.CancelledError) as err:  # noqa: BLE001 - on the way out
+        log.warning("producer stop did not finish", error=repr(err))
 
 
 def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
@@ -139,7 +239,9 @@ __all__ = [
     "GroupConsumer",
     "SESSION_TIMEOUT_MS",
     "KafkaError",
+    "KafkaPublisher",
     "ensure_topics",
     "make_consumer",
     "make_producer",
+    "started_producer",
 ]

@@ -26,12 +26,13 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from stampflow.errors import StampflowError
+from stampflow.errors import ServiceUnavailable, StampflowError
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "LOCK_KEY",
     "Migration",
+    "DatabaseUnreachable",
     "MigrationError",
     "default_migrations_dir",
     "discover",
@@ -71,6 +72,22 @@ _INSERT_APPLIED = "INSERT INTO schema_migrations (version, name, checksum) VALUE
 
 class MigrationError(StampflowError):
     """A migration file or run that cannot go ahead; the message is one line naming the file."""
+
+
+class DatabaseUnreachable(MigrationError, ServiceUnavailable):
+    """PostgreSQL cannot be reached (yet): a node starting during an outage waits for it; a
+    refused login or a missing database stays a plain :class:`MigrationError`."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        StampflowError.__init__(
+            self, f"PostgreSQL at {address} is unreachable, cannot migrate: {reason}")
+        self.service, self.address, self.reason = "PostgreSQL", address, reason
+
+
+# Connection failures that pass with time; anything else from connect (a refused password, a
+# database that does not exist) is the deployment's to fix.
+_TRANSIENT_CONNECT = (OSError, TimeoutError, asyncpg.CannotConnectNowError,
+                      asyncpg.TooManyConnectionsError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +184,10 @@ async def _connect(dsn: str) -> Any:
         parts = urlsplit(dsn)
         address = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
         reason = _one_line(str(exc)) or type(exc).__name__
-        raise MigrationError(
-            f"PostgreSQL at {address} is unreachable, cannot migrate: {reason}"
-        ) from exc
+        if isinstance(exc, _TRANSIENT_CONNECT):
+            raise DatabaseUnreachable(address, reason) from exc
+        raise MigrationError(f"PostgreSQL at {address} refused the migration's connection: "
+                             f"{reason}") from exc
 
 
 async def _close(conn: Any) -> None:

@@ -455,7 +455,9 @@ async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, brok
         report.submit_s = submitted.result()
         drain_start = time.monotonic()
         stalled = await _wait_terminal(endpoints.database_url, len(plan.workflows),
-                                       cfg.drain_timeout_s, logs, nodes, cfg.stall_timeout_s)
+                                       cfg.drain_timeout_s, logs, nodes, cfg.stall_timeout_s,
+                                       (endpoints.bootstrap_servers,
+                                        settings.consumer_group_prefix))
         if stalled:
             report.failures.append(stalled)
         report.drain_s = time.monotonic() - drain_start
@@ -624,7 +626,8 @@ async def _inject_faults(cfg: Config, rng: random.Random, nodes: Nodes, postgres
 
 
 async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path,
-                         nodes: Nodes | None = None, stall_s: float | None = None) -> str:
+                         nodes: Nodes | None = None, stall_s: float | None = None,
+                         evidence: tuple[str, str] | None = None) -> str:
     """Wait until ``expected`` workflows are terminal. Returns "" then, or why it stopped
     waiting early: no progress for ``stall_s`` (lost work never finishes), or a node process
     gone by itself (nothing would finish its work). Raises after ``timeout``."""
@@ -649,7 +652,8 @@ async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path,
             return f"drain stopped at {done} of {expected} workflows: {dead[0]}"
         if stall_s is not None and time.monotonic() - progress_at > stall_s:
             return (f"drain stalled at {done} of {expected} workflows terminal: no progress "
-                    f"for {stall_s:g}s")
+                    f"for {stall_s:g}s" + (await _stall_evidence(*evidence, nodes)
+                                            if evidence else ""))
         if time.monotonic() > deadline:
             tails = "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}"
                             for p in sorted(logs.glob("*.log")))  # noqa: ASYNC240 (failing)
@@ -657,6 +661,41 @@ async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path,
                                  f" node logs in {logs}:{tails}")
         last = done
         await asyncio.sleep(0.5)
+
+
+async def _stall_evidence(bootstrap: str, group_prefix: str, nodes: Nodes | None) -> str:
+    """What a stalled drain looks like from outside: each group's state, members and committed
+    offsets (twice, 10 s apart: do they move?), and the last lines of every running node."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    out: list[str] = []
+    groups = [f"{group_prefix}-{n}" for n in ("orchestrator", "reducer")]
+    for attempt in (1, 2):
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                    request_timeout_ms=10_000)
+        try:
+            await admin.start()
+            for group in groups:
+                described = await admin.describe_consumer_groups([group])
+                states = [(g[1], g[2], len(g[5])) for r in described for g in r.groups]
+                offsets = await admin.list_consumer_group_offsets(group)
+                committed = {f"{tp.topic}[{tp.partition}]": o.offset
+                             for tp, o in sorted(offsets.items())}
+                out.append(f"{group} (look {attempt}): (id, state, members) {states}; "
+                           f"committed {committed}")
+        except Exception as err:  # noqa: BLE001 - evidence, not the verdict
+            out.append(f"groups (look {attempt}): {err!r}")
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        if attempt == 1:
+            await asyncio.sleep(10)
+    for node, procs in (nodes.running.items() if nodes else ()):
+        for i, proc in enumerate(procs):
+            lines = proc.log_path.read_text(errors="replace").splitlines()[-6:]
+            out.append(f"{node}[{i}] {proc.log_path.name}, last lines:\n  " + "\n  ".join(
+                line[:300] for line in lines))
+    return "\n" + "\n".join(out)
 
 
 def moto_server_command() -> list[str] | None:

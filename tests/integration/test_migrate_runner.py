@@ -9,11 +9,13 @@ import socket
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 import stampflow.migrate
+from stampflow.errors import ServiceUnavailable
 from stampflow.migrate import (
     LOCK_KEY,
     MigrationError,
@@ -251,6 +253,24 @@ async def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert "\n" not in message
     assert message.startswith(f"PostgreSQL at 127.0.0.1:{port} is unreachable, cannot migrate:")
     assert "hunter2" not in message
+    # A node starting during an outage waits for an unreachable database (app.until_ready).
+    assert isinstance(caught.value, ServiceUnavailable)
+
+
+async def test_refused_login_is_not_unreachable(fresh_database_url: str,
+                                                tmp_path: Path) -> None:
+    """A wrong password will not pass with time: the node exits with the reason instead of
+    waiting for ever."""
+    directory = _write_migrations(tmp_path / "migrations", MIGRATIONS)
+    parts = urlsplit(fresh_database_url)
+    wrong = parts._replace(netloc=f"{parts.username}:wrong-{parts.port}@{parts.hostname}:"
+                                  f"{parts.port}").geturl()
+
+    with pytest.raises(MigrationError) as caught:
+        await migrate(wrong, directory)
+
+    assert not isinstance(caught.value, ServiceUnavailable), str(caught.value)
+    assert "refused the migration's connection" in str(caught.value)
 
 
 async def test_bad_directory_fails_before_connecting(tmp_path: Path) -> None:

@@ -249,6 +249,44 @@ async def test_sigterm_during_an_outage_ends_each_node_within_30s_and_loses_noth
     assert failures == [], "\n".join(failures) + f"\nclean ends: {exits}"
 
 
+# --- a node started during an outage ---------------------------------------------------------
+
+START_OUTAGES = {"broker-down": ("broker", Fault.DOWN), "postgres-down": ("postgres", Fault.DOWN),
+                 "postgres-timeout": ("postgres", Fault.HANG)}
+
+
+@pytest.mark.parametrize("which", list(START_OUTAGES))
+async def test_a_node_started_during_an_outage_waits_for_its_services(
+    proxied_services, topic_prefix: str, tmp_path: Path, which: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """A node (re)started while a service is gone (a deployment rolling during an outage, a
+    crashed node restarted by its supervisor) waits for it, then works; it never exits."""
+    ps = proxied_services
+    target, fault = START_OUTAGES[which]
+    proxy = ps.broker_proxy if target == "broker" else ps.postgres_proxy
+    settings = settings_for(ps.endpoints, topic_prefix, tmp_path)
+    await prepare(settings, ps.endpoints)  # a restart: topics and schema exist
+    await _burst(ps, settings, 0, 200)
+    with proxy.fault(fault, seconds=120):
+        nodes = {node: NodeProcess(node, settings, tmp_path / f"{node}.log")
+                 for node in ("orchestrator", "reducer")}
+        try:
+            await asyncio.sleep(15)
+            exited = {node: (proc.proc.poll(), proc.log_path.read_text(errors="replace")[-600:])
+                      for node, proc in nodes.items() if proc.proc.poll() is not None}
+        except BaseException:
+            for proc in nodes.values():
+                proc.kill()
+            raise
+    try:
+        assert exited == {}, f"started during {which}, a node exited: {exited}"
+        done = await _wait_done(ps.direct_database_url, 200, 90, nodes)
+    finally:
+        for proc in nodes.values():
+            proc.kill()
+    assert done == 200, f"after {which} at start-up: {done} of 200 workflows terminal"
+
+
 # --- log volume --------------------------------------------------------------------------------
 
 MAX_LINES_PER_MINUTE = 200
