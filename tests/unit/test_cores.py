@@ -253,3 +253,25 @@ def test_a_rerun_that_ends_differently_still_ends_in_its_terminal_state(
     agg = writes.aggregates["a"]
     assert (agg.completed, agg.failed) == ((1, 0) if first_fails else (0, 1))
     assert "terminal_override" in {a.kind for a in writes.anomalies}
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_terminal_counts_agree_with_states_after_every_batch(fail: bool) -> None:
+    """`stampflow check` compares the aggregates with the workflow rows: a batch that ends
+    between a workflow's terminal transition and its terminal event must already agree."""
+    c = core()
+    events = run_stamp(c, request("a"), fail=fail)
+    end = "failed" if fail else "completed"
+    last_transition = max(i for i, e in enumerate(events)
+                          if e.event_type == "workflow.transitioned")
+    state = ReducerState()
+    totals = {"completed": 0, "failed": 0}
+    for batch in (events[:last_transition + 1], events[last_transition + 1:]):
+        state, writes = reduce(state, batch, FSMS)
+        agg = writes.aggregates["a"]
+        totals["completed"] += agg.completed
+        totals["failed"] += agg.failed
+        in_state = {s: sum(1 for r in state.workflows.values() if r.state == s)
+                    for s in totals}
+        assert totals == in_state, (batch[-1].event_type, totals, in_state)
+    assert totals[end] == 1

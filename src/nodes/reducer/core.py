@@ -147,8 +147,16 @@ class Writes:
         return found
 
     def count_state(self, namespace: str, kind: str, state: str, change: int) -> None:
+        """A workflow entered (+1) or left (-1) ``state``. The aggregates' ``completed`` and
+        ``failed`` are the workflows *in* those states, counted here with the state itself:
+        they agree with ``workflows`` after every batch, also one that ends between a
+        workflow's last transition and its terminal event (``stampflow check`` then)."""
         key = (namespace, kind, state)
         self.state_counts[key] = self.state_counts.get(key, 0) + change
+        if state == "completed":
+            self.delta(namespace).completed += change
+        elif state == "failed":
+            self.delta(namespace).failed += change
 
 
 def reduce(
@@ -334,12 +342,9 @@ class _Reduction:
             self.writes.count_state(row.namespace, row.kind, terminal, +1)
             row = replace(row, state=terminal, updated_at=max(row.updated_at,
                                                               envelope.occurred_at))
-        delta = self.writes.delta(envelope.namespace)
         if terminal == "completed":
-            delta.completed += 1
             self._update(replace(row, duration_ms=duration_ms))
         else:
-            delta.failed += 1
             self._update(replace(row, outcome="failed", error_code=error_code, reason=reason))
 
     def _update(self, row: WorkflowRow) -> None:
