@@ -84,10 +84,27 @@ class DatabaseUnreachable(MigrationError, ServiceUnavailable):
         self.service, self.address, self.reason = "PostgreSQL", address, reason
 
 
-# Connection failures that pass with time; anything else from connect (a refused password, a
-# database that does not exist) is the deployment's to fix.
-_TRANSIENT_CONNECT = (OSError, TimeoutError, asyncpg.CannotConnectNowError,
-                      asyncpg.TooManyConnectionsError, asyncpg.InterfaceError)
+# Failures that pass with time: no connection, a connection lost mid-way (class 08), a server
+# shutting down or starting up (57P01-03), too many connections. Anything else (a refused
+# password, a database that does not exist, a migration PostgreSQL rejects) is the
+# deployment's to fix.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError)
+
+
+def _address(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+
+
+def _failure(exc: BaseException, address: str, message: str) -> MigrationError:
+    """``message`` as a :class:`MigrationError`, or :class:`DatabaseUnreachable` when the
+    database went away under it (a node starting in an outage waits instead of exiting)."""
+    if isinstance(exc, TRANSIENT_DB_ERRORS):
+        return DatabaseUnreachable(address, _one_line(str(exc)) or type(exc).__name__)
+    return MigrationError(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,13 +195,12 @@ def _check_unchanged(migrations: list[Migration], applied: dict[int, str]) -> No
 
 
 async def _connect(dsn: str) -> Any:
+    address = _address(dsn)
     try:
         return await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        parts = urlsplit(dsn)
-        address = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
         reason = _one_line(str(exc)) or type(exc).__name__
-        if isinstance(exc, _TRANSIENT_CONNECT):
+        if isinstance(exc, TRANSIENT_DB_ERRORS):
             raise DatabaseUnreachable(address, reason) from exc
         raise MigrationError(f"PostgreSQL at {address} refused the migration's connection: "
                              f"{reason}") from exc
@@ -206,7 +222,7 @@ async def _applied(conn: Any) -> dict[int, tuple[str, datetime]]:
     }
 
 
-async def _apply(conn: Any, migration: Migration) -> None:
+async def _apply(conn: Any, migration: Migration, address: str) -> None:
     try:
         async with conn.transaction():
             # No arguments: asyncpg sends the simple query protocol, so a file may hold many
@@ -215,13 +231,12 @@ async def _apply(conn: Any, migration: Migration) -> None:
             await conn.execute(
                 _INSERT_APPLIED, migration.version, migration.name, migration.checksum
             )
-    except asyncpg.PostgresError as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
         sqlstate = getattr(exc, "sqlstate", None)
         detail = _one_line(str(exc)) or type(exc).__name__
         suffix = f" (SQLSTATE {sqlstate})" if sqlstate else ""
-        raise MigrationError(
-            f"{migration.path}: migration failed and was rolled back: {detail}{suffix}"
-        ) from exc
+        raise _failure(exc, address, f"{migration.path}: migration failed and was rolled back: "
+                                  f"{detail}{suffix}") from exc
 
 
 async def _holder(conn: Any) -> str:
@@ -267,16 +282,15 @@ async def migrate(dsn: str, directory: Path | None = None, *,
             await _lock(conn, lock_timeout)
             await conn.execute(_CREATE_TABLE)
             applied = await _applied(conn)
-        except asyncpg.PostgresError as exc:
-            raise MigrationError(
-                f"schema_migrations: cannot lock or read it: {_one_line(str(exc))}"
-            ) from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            raise _failure(exc, _address(dsn), "schema_migrations: cannot lock or read it: "
+                                      f"{_one_line(str(exc))}") from exc
         _check_unchanged(migrations, {v: checksum for v, (checksum, _) in applied.items()})
         done: list[int] = []
         for migration in migrations:
             if migration.version in applied:
                 continue
-            await _apply(conn, migration)
+            await _apply(conn, migration, _address(dsn))
             done.append(migration.version)
         await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
         return done
@@ -297,8 +311,9 @@ async def status(
     try:
         exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
         applied = await _applied(conn) if exists else {}
-    except asyncpg.PostgresError as exc:
-        raise MigrationError(f"schema_migrations: cannot read it: {_one_line(str(exc))}") from exc
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise _failure(exc, _address(dsn), "schema_migrations: cannot read it: "
+                                  f"{_one_line(str(exc))}") from exc
     finally:
         await _close(conn)
     _check_unchanged(migrations, {v: checksum for v, (checksum, _) in applied.items()})

@@ -5,9 +5,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from stampflow.migrate import Migration, MigrationError, default_migrations_dir, discover
+import stampflow.migrate
+from stampflow.errors import ServiceUnavailable
+from stampflow.migrate import (
+    DatabaseUnreachable,
+    Migration,
+    MigrationError,
+    default_migrations_dir,
+    discover,
+)
 
 
 def _write(directory: Path, name: str, text: str | bytes = "SELECT 1;\n") -> Path:
@@ -161,3 +170,26 @@ def test_default_dir_is_the_checkout_migrations_folder() -> None:
         pytest.skip("stampflow is installed, not run from a checkout")
 
     assert default_migrations_dir() == checkout / "migrations"
+
+
+@pytest.mark.parametrize("error", [
+    asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.CannotConnectNowError("the database system is starting up"),
+    ConnectionResetError(104, "Connection reset by peer"),
+    TimeoutError(),
+])
+def test_a_database_that_went_away_mid_migration_is_waited_for(error: BaseException) -> None:
+    """A node restarted in a database outage (or one that began during its migration) waits
+    for the database instead of exiting: these are ServiceUnavailable (app.until_ready)."""
+    failure = stampflow.migrate._failure(error, "127.0.0.1:5432", "schema_migrations: ...")
+    assert isinstance(failure, DatabaseUnreachable)
+    assert isinstance(failure, ServiceUnavailable)
+    assert str(failure).startswith("PostgreSQL at 127.0.0.1:5432 is unreachable")
+
+
+def test_a_migration_postgresql_rejects_is_not_waited_for() -> None:
+    error = asyncpg.SyntaxOrAccessError("syntax error at or near \"CREAT\"")
+    failure = stampflow.migrate._failure(error, "127.0.0.1:5432", "0001_x.sql: failed")
+    assert not isinstance(failure, ServiceUnavailable)
+    assert str(failure) == "0001_x.sql: failed"
