@@ -32,17 +32,18 @@ from uuid import UUID
 
 import torch
 
-from bench.run import fresh_db, machine_info, pct
-from contracts.events import GenerationRequested, decode
-from contracts.nodes import BatchingPolicy, IoPolicy, builtin_contract, load_contracts
-from inference import ArtifactStore, InferenceEffectNode, ModelRegistry, make_tiny_flux
-from inference.engine import GenerationJob, InferenceEngine
-from nodes.fsm import Workflow
-from nodes.orchestrator.core import GenerationSucceeded
-from nodes.stamping import StampingNode
+from bench.common import fresh_db, machine_info, pct
 from stampflow.app import RunningNodes, run_nodes
 from stampflow.bus import make_consumer
 from stampflow.client import Client
+from stampflow.contracts.events import GenerationRequested, decode
+from stampflow.contracts.nodes import BatchingPolicy, IoPolicy, builtin_contract, load_contracts
+from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry, make_tiny_flux
+from stampflow.inference.engine import InferenceEngine
+from stampflow.inference.jobs import GenerationJob
+from stampflow.nodes.fsm import Workflow, WorkflowContext
+from stampflow.nodes.orchestrator.core import GenerationSucceeded
+from stampflow.nodes.stamping import StampingNode
 from stampflow.observability import configure_logging
 from stampflow.services import EmbeddedServices, Endpoints
 from stampflow.settings import Settings
@@ -110,7 +111,8 @@ def request(i: int, steps: int = STEPS) -> GenerationRequested:
 
 
 async def one(node: InferenceEffectNode, i: int, steps: int = STEPS) -> None:
-    wf = Workflow(uuid.uuid4(), "generation", "generating", context={"namespace": "bench"})
+    wf = Workflow(uuid.uuid4(), "generation", "generating", context=WorkflowContext(
+        namespace="bench", request_id=uuid.uuid4(), started_at=datetime.now(UTC)))
     outcome = await node.generate(request(i, steps), seed=i, workflow=wf)
     if not isinstance(outcome, GenerationSucceeded):
         raise RuntimeError(f"generation failed: {outcome}")

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from tests.integration.stack import NodeProcess, settings_for
-
-from bench.run import bench_latency, finished, fresh_db, machine_info
-from contracts.events import GenerationRequested
+from bench.common import finished, fresh_db, machine_info
+from bench.run import bench_latency
 from stampflow.app import prepare
 from stampflow.client import Client
+from stampflow.contracts.events import GenerationRequested
 from stampflow.observability import configure_logging
 from stampflow.services import EmbeddedServices, Endpoints, free_port
+from stampflow.testing.stack import NodeProcess, settings_for
 
 Result = dict[str, Any]
 P99_LIMIT_MS = 100.0
@@ -247,7 +247,7 @@ def markdown(r: Result) -> str:
 
 
 async def main_async(args: argparse.Namespace, admin: Endpoints, work: Path) -> Result:
-    from inference import make_tiny_flux
+    from stampflow.inference import make_tiny_flux
 
     model = make_tiny_flux(work / "tiny-flux")
     big = 2000 if args.quick else 10_000

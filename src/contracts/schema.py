@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from contracts.events import EVENT_TYPES, Envelope
-from contracts.nodes import ContractError, NodeContract
+from stampflow.contracts.events import EVENT_TYPES, Envelope
+from stampflow.contracts.nodes import ContractError, NodeContract
 
 
 def schemas() -> dict[str, dict[str, Any]]:

@@ -1,27 +1,16 @@
 """Image generation for stampflow: model registry, batching engine, effect node, artifacts."""
 
-from inference.artifacts import ArtifactStore, StoredArtifact, artifact_path
-from inference.budget import (
+from stampflow.inference.artifacts import ArtifactStore, StoredArtifact, artifact_path
+from stampflow.inference.budget import (
     Footprint,
     ModelShape,
     batch_capacity,
     estimate_footprint,
     read_model_shape,
 )
-from inference.effect import InferenceEffectNode
-from inference.engine import (
-    BatchKey,
-    GeneratedImage,
-    GenerationJob,
-    InferenceEngine,
-    ItemFailed,
-    ItemResult,
-    batch_key,
-    decode_png,
-    encode_png,
-    group_jobs,
-)
-from inference.errors import (
+from stampflow.inference.effect import InferenceEffectNode
+from stampflow.inference.engine import InferenceEngine, decode_png, encode_png
+from stampflow.inference.errors import (
     InferenceError,
     InvalidRequest,
     ModelNotFound,
@@ -30,14 +19,23 @@ from inference.errors import (
     UnknownModel,
     UnsupportedConfiguration,
 )
-from inference.registry import (
+from stampflow.inference.jobs import (
+    BatchKey,
+    GeneratedImage,
+    GenerationJob,
+    ItemFailed,
+    ItemResult,
+    batch_key,
+    group_jobs,
+)
+from stampflow.inference.registry import (
     LoadedPipeline,
     ModelRegistry,
     ModelSpec,
     resolve_device,
     resolve_dtype,
 )
-from inference.tiny import make_tiny_flux
+from stampflow.inference.tiny import make_tiny_flux
 
 __all__ = [
     "ArtifactStore",

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference.errors import ModelNotFound
+from stampflow.inference.errors import ModelNotFound
 
 DTYPE_BYTES: Mapping[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 NF4_BYTES_PER_PARAMETER = 0.5625  # 4 bits plus a scale per block of 64 (bitsandbytes NF4)

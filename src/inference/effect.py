@@ -25,24 +25,29 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from contracts.events import GenerationCompleted, GenerationRequested
-from contracts.nodes import IoPolicy
-from inference.artifacts import ArtifactStore
-from inference.engine import (
+from stampflow.contracts.events import GenerationCompleted, GenerationRequested
+from stampflow.contracts.nodes import IoPolicy
+from stampflow.inference.artifacts import ArtifactStore
+from stampflow.inference.engine import InferenceEngine
+from stampflow.inference.errors import InferenceError, TransientInferenceError
+from stampflow.inference.jobs import (
     GeneratedImage,
     GenerationJob,
-    InferenceEngine,
     ItemResult,
     batch_key,
     group_jobs,
     validate_size,
 )
-from inference.errors import InferenceError, TransientInferenceError
-from inference.registry import ModelRegistry
-from nodes.fsm import Workflow
-from nodes.orchestrator.core import EffectFailed, GenerationBudget, GenerationSucceeded, Outcome
-from nodes.stamping import StampError, StampingNode
-from stampflow.resilience import CircuitBreaker, CircuitOpen, retry
+from stampflow.inference.registry import ModelRegistry
+from stampflow.nodes.fsm import Workflow
+from stampflow.nodes.orchestrator.core import (
+    EffectFailed,
+    GenerationBudget,
+    GenerationSucceeded,
+    Outcome,
+)
+from stampflow.nodes.resilience import CircuitBreaker, CircuitOpen, retry
+from stampflow.nodes.stamping import StampError, StampingNode
 
 SIZE_MULTIPLE = 16
 _Pending = tuple[GenerationJob, "asyncio.Future[ItemResult]"]
@@ -190,7 +195,7 @@ class InferenceEffectNode:
         t0 = time.perf_counter()
         stored = self.artifacts.put(image.png, ".png")
         t1 = time.perf_counter()
-        namespace = str(workflow.context.get("namespace") or self.default_namespace)
+        namespace = workflow.context.namespace or self.default_namespace
         stamp = self.stamping.stamp_bytes(image.png, namespace=namespace,
                                           content_type="image/png")
         t2 = time.perf_counter()

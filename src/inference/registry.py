@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from inference.budget import ModelShape, estimate_footprint, mib, read_model_shape
-from inference.errors import (
+from stampflow.inference.budget import ModelShape, estimate_footprint, mib, read_model_shape
+from stampflow.inference.errors import (
     InferenceError,
     ModelNotFound,
     OverVramBudget,
@@ -139,9 +139,6 @@ class ModelRegistry:
         self.loads: list[str] = []  # the canonical folder of every load from disk, in order
         self._loaded: OrderedDict[ModelKey, LoadedPipeline] = OrderedDict()
         self._lock = threading.Lock()
-
-    def register(self, name: str, spec: ModelSpec | str | Path) -> None:
-        self.models[name] = spec if isinstance(spec, ModelSpec) else ModelSpec(str(spec))
 
     def spec_for(self, name: str) -> ModelSpec:
         spec = self.models.get(name)

@@ -24,10 +24,15 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
-from contracts.nodes import RetryPolicy
-from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, dead_letter, dead_letter_key, dlq_topic
-from stampflow.observability import DLQ_RECORDS, RETRIES
-from stampflow.resilience import Backoff, Stopping, sleep_unless
+from stampflow.contracts.nodes import RetryPolicy
+from stampflow.nodes.deadletter import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    dead_letter,
+    dead_letter_key,
+    dlq_topic,
+)
+from stampflow.nodes.metrics import DLQ_RECORDS, RETRIES
+from stampflow.nodes.resilience import Stopping, retry
 
 log = structlog.get_logger("stampflow.publishing")
 
@@ -71,19 +76,16 @@ class DeadLetters:
         doc = dead_letter(topic=record.topic, partition=record.partition, offset=record.offset,
                           key=record.key, value=record.value, error=reason, node=self.node,
                           at=self.clock(), max_bytes=self.max_message_bytes)
-        backoff = Backoff(self.retry)
-        while True:
-            try:
-                await self.publisher.send(dlq, doc, dead_letter_key(record.key) or None)
-                break
-            except KafkaError as err:
-                RETRIES.labels("broker").inc()
-                wait = backoff.next_s()
-                log.warning("dead-letter publish failed; retrying", dlq=dlq,
-                            error=str(err) or type(err).__name__, wait_s=round(wait, 3),
-                            throttle=True)
-            if await sleep_unless(self.stop, wait):
-                raise Stopping
+
+        def retrying(attempt: int, err: BaseException, wait: float) -> None:
+            RETRIES.labels("broker").inc()
+            log.warning("dead-letter publish failed; retrying", dlq=dlq,
+                        error=str(err) or type(err).__name__, wait_s=round(wait, 3),
+                        throttle=True)
+
+        await retry(lambda: self.publisher.send(dlq, doc, dead_letter_key(record.key) or None),
+                    policy=self.retry, transient=(KafkaError,), stop=self.stop, forever=True,
+                    on_retry=retrying)
         DLQ_RECORDS.labels(record.topic).inc()
         log.warning("record sent to dead-letter topic", dlq=dlq, partition=record.partition,
                     offset=record.offset, size=len(record.value or b""), error=reason)

@@ -17,18 +17,19 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from contracts.nodes import IoPolicy, NodeContract, RetryPolicy, load_contracts
-from inference import ArtifactStore, InferenceEffectNode, ModelRegistry
-from nodes.orchestrator.core import Limits, OrchestratorCore
-from nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
-from nodes.reducer.runner import Reducer, ReducerConfig
-from nodes.reducer.store import ReducerStore
-from nodes.stamping import StampingNode
 from stampflow.bus import KafkaPublisher, ensure_topics, make_consumer, started_producer
+from stampflow.contracts.nodes import IoPolicy, NodeContract, RetryPolicy, load_contracts
 from stampflow.errors import ServiceUnavailable
+from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry
 from stampflow.migrate import migrate
+from stampflow.nodes import pgerrors
+from stampflow.nodes.orchestrator.core import Limits, OrchestratorCore
+from stampflow.nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
+from stampflow.nodes.reducer.runner import Reducer, ReducerConfig
+from stampflow.nodes.reducer.store import ReducerStore
+from stampflow.nodes.resilience import Stopping, bounded, retry
+from stampflow.nodes.stamping import StampingNode
 from stampflow.observability import HealthServer, redact
-from stampflow.resilience import Backoff, bounded, sleep_unless
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
@@ -60,9 +61,7 @@ async def prepare(settings: Settings, endpoints: Endpoints) -> None:
 # A service that cannot be reached *yet*: a node started during an outage (or restarted in
 # one) waits for it instead of exiting.
 UNREACHABLE: tuple[type[BaseException], ...] = (
-    ServiceUnavailable, OSError, TimeoutError, KafkaError, asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
-)
+    ServiceUnavailable, KafkaError, *pgerrors.UNREACHABLE)
 START_RETRY = RetryPolicy(initial_backoff_ms=250, max_backoff_ms=5000, multiplier=2.0)
 
 
@@ -71,17 +70,19 @@ async def until_ready(what: str, call: Callable[[], Awaitable[T]],
     """``call()`` until it succeeds, waiting with a jittered backoff while its service is
     unreachable; None if ``stop`` is set first. Other errors (a bad contract, a migration
     that does not apply) are raised: waiting would not fix them."""
-    backoff = Backoff(START_RETRY)
-    while not stop.is_set():
-        try:
-            return await call()
-        except UNREACHABLE as err:
-            wait = backoff.next_s()
-            log.warning(f"{what}: a service is unreachable; waiting", error=redact(str(err))
-                        or type(err).__name__, wait_s=round(wait, 2), throttle=True)
-        if await sleep_unless(stop, wait):
-            break
-    return None
+
+    def waiting(attempt: int, err: BaseException, wait: float) -> None:
+        log.warning(f"{what}: a service is unreachable; waiting",
+                    error=redact(str(err)) or type(err).__name__, wait_s=round(wait, 2),
+                    throttle=True)
+
+    if stop.is_set():
+        return None
+    try:
+        return await retry(call, policy=START_RETRY, transient=UNREACHABLE, stop=stop,
+                           forever=True, on_retry=waiting)
+    except Stopping:
+        return None
 
 
 def exit_deadline(seconds: float) -> None:

@@ -9,8 +9,8 @@ from uuid import UUID, uuid4
 
 from aiokafka import AIOKafkaProducer
 
-from contracts.events import Envelope, GenerationRequested, StampRequested, envelope_for
 from stampflow.bus import ensure_topics, make_producer
+from stampflow.contracts.events import Envelope, GenerationRequested, StampRequested, envelope_for
 from stampflow.errors import StampflowError
 from stampflow.services import Endpoints
 from stampflow.settings import Settings

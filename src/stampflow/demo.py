@@ -25,11 +25,11 @@ import asyncpg
 from blake3 import blake3
 from rich.console import Console
 
-from contracts.events import GenerationRequested
-from inference import make_tiny_flux
 from stampflow.app import NODE_NAMES, run_nodes
 from stampflow.client import Client
+from stampflow.contracts.events import GenerationRequested
 from stampflow.errors import StampflowError
+from stampflow.inference import make_tiny_flux
 from stampflow.observability import redact
 from stampflow.queries import summary
 from stampflow.services import EmbeddedServices

@@ -16,9 +16,9 @@ from typing import Any
 
 import asyncpg
 
-from nodes.deadletter import dlq_topic, parse_dead_letter
 from stampflow.bus import make_consumer, make_producer
 from stampflow.errors import StampflowError
+from stampflow.nodes.deadletter import dlq_topic, parse_dead_letter
 from stampflow.queries import connect
 from stampflow.services import database_address
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from stampflow.errors import ServiceUnavailable, StampflowError
+from stampflow.nodes.pgerrors import UNREACHABLE
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
@@ -84,16 +85,6 @@ class DatabaseUnreachable(MigrationError, ServiceUnavailable):
         self.service, self.address, self.reason = "PostgreSQL", address, reason
 
 
-# Failures that pass with time: no connection, a connection lost mid-way (class 08), a server
-# shutting down or starting up (57P01-03), too many connections. Anything else (a refused
-# password, a database that does not exist, a migration PostgreSQL rejects) is the
-# deployment's to fix.
-TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError)
-
-
 def _address(dsn: str) -> str:
     parts = urlsplit(dsn)
     return f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
@@ -102,7 +93,7 @@ def _address(dsn: str) -> str:
 def _failure(exc: BaseException, address: str, message: str) -> MigrationError:
     """``message`` as a :class:`MigrationError`, or :class:`DatabaseUnreachable` when the
     database went away under it (a node starting in an outage waits instead of exiting)."""
-    if isinstance(exc, TRANSIENT_DB_ERRORS):
+    if isinstance(exc, UNREACHABLE):
         return DatabaseUnreachable(address, _one_line(str(exc)) or type(exc).__name__)
     return MigrationError(message)
 
@@ -200,7 +191,7 @@ async def _connect(dsn: str) -> Any:
         return await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = _one_line(str(exc)) or type(exc).__name__
-        if isinstance(exc, TRANSIENT_DB_ERRORS):
+        if isinstance(exc, UNREACHABLE):
             raise DatabaseUnreachable(address, reason) from exc
         raise MigrationError(f"PostgreSQL at {address} refused the migration's connection: "
                              f"{reason}") from exc

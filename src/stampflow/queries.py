@@ -8,7 +8,7 @@ from uuid import UUID
 
 import asyncpg
 
-from contracts.events import NAMESPACE_PATTERN
+from stampflow.contracts.events import NAMESPACE_PATTERN
 from stampflow.errors import ServiceUnavailable, StampflowError
 from stampflow.observability import redact
 from stampflow.services import database_address, password_clause

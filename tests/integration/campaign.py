@@ -1,8 +1,9 @@
 """A seeded fault campaign over the real services: many mixed requests, node processes killed
 with SIGKILL at random moments, the broker frozen, PostgreSQL restarted, a second node joining
-a consumer group, and outages through fault proxies (tests/faultproxy.py: a service refusing,
-hanging or flapping for minutes) — then every result checked against ground truth computed
-from the requests, and every node process found still running before the final SIGTERM.
+a consumer group, and outages through fault proxies (stampflow.testing.faultproxy: a service
+refusing, hanging or flapping for minutes) — then every result checked against ground truth
+computed from the requests, and every node process found still running before the final
+SIGTERM.
 
 The CI-sized runs are tests/integration/test_fault_suite.py and test_outages.py. The long run
 is a command:
@@ -40,15 +41,15 @@ from uuid import UUID
 import asyncpg
 from blake3 import blake3
 
-from contracts.events import GenerationRequested, derive_id
-from contracts.nodes import BUILTIN_NODES
-from nodes.deadletter import parse_dead_letter
 from stampflow.app import prepare
 from stampflow.client import Client
+from stampflow.contracts.events import GenerationRequested, derive_id
+from stampflow.contracts.nodes import BUILTIN_NODES
+from stampflow.nodes.deadletter import parse_dead_letter
 from stampflow.services import Endpoints
-from tests.faultproxy import Fault as ProxyFault
-from tests.faultproxy import FaultProxy
-from tests.integration.stack import NodeProcess, read_topic, settings_for
+from stampflow.testing.faultproxy import Fault as ProxyFault
+from stampflow.testing.faultproxy import FaultProxy
+from stampflow.testing.stack import NodeProcess, read_topic, settings_for
 
 MAX_CONTENT = 64 * 1024  # the campaign's STAMPFLOW_MAX_CONTENT_BYTES: too_large is cheap to hit
 GEN_SIDE = 64
@@ -71,7 +72,7 @@ class Outage:
     ``flap`` (down for half of every ``period_s``, up for the other half)."""
 
     target: str  # broker | postgres | both
-    fault: str  # a tests.faultproxy.Fault value, or "flap"
+    fault: str  # a stampflow.testing.faultproxy.Fault value, or "flap"
     seconds: float
     period_s: float = 4.0  # flap: one down-and-up cycle
     ms: float = 0.0  # latency
@@ -484,7 +485,7 @@ def _contracts_with_inference_timeout(workdir: Path, timeout_ms: int) -> Path:
     out = workdir / "contracts"
     out.mkdir(exist_ok=True)
     for name in BUILTIN_NODES:
-        ref = resources.files("contracts") / "specs" / f"{name}.yaml"
+        ref = resources.files("stampflow.contracts") / "specs" / f"{name}.yaml"
         (out / f"{name}.yaml").write_text(ref.read_text(encoding="utf-8"))
     spec = out / "inference.yaml"
     doc = yaml.safe_load(spec.read_text())
@@ -921,7 +922,7 @@ def write_results(report: Report, out: Path) -> None:
 
 
 def main() -> None:
-    from inference import make_tiny_flux
+    from stampflow.inference import make_tiny_flux
     from stampflow.services import EmbeddedServices
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

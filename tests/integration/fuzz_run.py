@@ -25,12 +25,12 @@ from uuid import UUID, uuid5
 
 from blake3 import blake3
 
-from contracts.events import derive_id
 from stampflow.bus import make_consumer
 from stampflow.client import Client
+from stampflow.contracts.events import derive_id
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
-from tests.integration.stack import NodeProcess, fetch, reconcile
+from stampflow.testing.stack import NodeProcess, fetch, reconcile
 from tests.oracle import DEAD_LETTER, Expectation, Outcome, one_line
 
 CONTROL_IDS = UUID("6b1d5e8a-58c4-4f0e-9a51-0c8f3d7e2a10")  # uuid5 namespace of ordinary ids

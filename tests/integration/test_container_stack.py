@@ -17,8 +17,8 @@ import pytest
 from blake3 import blake3
 
 from stampflow.services import free_port
-from tests.containers import KAFKA_IMAGE, PASSWORD, POSTGRES_IMAGE
-from tests.integration.stack import aggregates, finished_count, reconcile, wait_for
+from stampflow.testing.containers import KAFKA_IMAGE, PASSWORD, POSTGRES_IMAGE
+from stampflow.testing.stack import aggregates, finished_count, reconcile, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

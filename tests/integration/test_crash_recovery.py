@@ -12,7 +12,7 @@ from blake3 import blake3
 
 from stampflow.app import prepare
 from stampflow.client import Client
-from tests.integration.stack import (
+from stampflow.testing.stack import (
     NodeProcess,
     aggregates,
     fetch,

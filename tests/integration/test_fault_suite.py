@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from inference import make_tiny_flux
 from stampflow.services import EmbeddedBroker, Endpoints
 from tests.integration.campaign import (
     Config,
@@ -25,6 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 async def test_ten_thousand_requests_under_faults_lose_nothing_and_count_nothing_twice(
     services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    tiny_flux_model: Path,
 ) -> None:
     if services.postgres is None or services.broker is None:
         pytest.skip("fault injection needs services it controls (embedded or containers)")
@@ -32,7 +32,7 @@ async def test_ten_thousand_requests_under_faults_lose_nothing_and_count_nothing
                  second_orchestrator=True, generation_share=0.003)
     report = await run_campaign(
         cfg, services.endpoints.with_database(fresh_database_url), services.postgres,
-        services.broker, tmp_path, tiny_model=make_tiny_flux(tmp_path / "tiny-flux"),
+        services.broker, tmp_path, tiny_model=tiny_flux_model,
         topic_prefix=topic_prefix)
     assert report.failures == [], "\n".join(report.failures)
     assert report.kills >= 10

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import (
+from stampflow.testing.stack import (
     aggregates,
     finished_count,
     reconcile,

@@ -28,11 +28,10 @@ from uuid import UUID
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from contracts.events import derive_id
-from inference import make_tiny_flux
 from stampflow.app import prepare
+from stampflow.contracts.events import derive_id
+from stampflow.testing.stack import fetch, settings_for
 from tests.integration.fuzz_run import grouped, run_records
-from tests.integration.stack import fetch, settings_for
 from tests.oracle import ContentRoot, Expectation, Oracle, summarize
 from tests.schema_strategies import (
     Case,
@@ -125,9 +124,9 @@ def unique_ids(cases: list[Case], rng: random.Random) -> None:
         seen.add(key)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
+@pytest.fixture
+def tiny_model(tiny_flux_model: Path) -> Path:
+    return tiny_flux_model
 
 
 async def test_valid_but_nasty_requests_end_to_end(

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
 from stampflow.app import prepare
+from stampflow.testing.stack import settings_for
 from tests.fuzz import RECORDS
 from tests.integration.fuzz_run import grouped, run_records
-from tests.integration.stack import settings_for
 from tests.oracle import DEAD_LETTER, ContentRoot, Expectation, Oracle, summarize
 from tests.schema_strategies import reproducible_draws
 

@@ -12,10 +12,9 @@ from uuid import uuid4
 import pytest
 from blake3 import blake3
 
-from contracts.events import GenerationRequested, derive_id
-from contracts.nodes import load_contracts
-from inference import make_tiny_flux
-from tests.integration.stack import (
+from stampflow.contracts.events import GenerationRequested, derive_id
+from stampflow.contracts.nodes import load_contracts
+from stampflow.testing.stack import (
     aggregates,
     fetch,
     finished_count,
@@ -28,9 +27,9 @@ from tests.integration.stack import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
+@pytest.fixture
+def tiny_model(tiny_flux_model: Path) -> Path:
+    return tiny_flux_model
 
 
 def small(prompt: str, **kw: object) -> GenerationRequested:

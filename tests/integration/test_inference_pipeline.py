@@ -11,37 +11,32 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from contracts.events import GenerationCompleted, GenerationRequested
-from contracts.nodes import BatchingPolicy, IoPolicy, builtin_contract
-from inference.artifacts import ArtifactStore
-from inference.budget import estimate_footprint, read_model_shape
-from inference.effect import InferenceEffectNode
-from inference.engine import (
-    GeneratedImage,
-    GenerationJob,
-    InferenceEngine,
-    ItemFailed,
-    decode_png,
-)
-from inference.registry import ModelRegistry
-from inference.tiny import make_tiny_flux
-from nodes.fsm import Workflow
-from nodes.orchestrator.core import EffectFailed, GenerationSucceeded
-from nodes.stamping import StampingNode
+from stampflow.contracts.events import GenerationCompleted, GenerationRequested
+from stampflow.contracts.nodes import BatchingPolicy, IoPolicy, builtin_contract
+from stampflow.inference.artifacts import ArtifactStore
+from stampflow.inference.budget import estimate_footprint, read_model_shape
+from stampflow.inference.effect import InferenceEffectNode
+from stampflow.inference.engine import InferenceEngine, decode_png
+from stampflow.inference.jobs import GeneratedImage, GenerationJob, ItemFailed
+from stampflow.inference.registry import ModelRegistry
+from stampflow.nodes.fsm import Workflow, WorkflowContext
+from stampflow.nodes.orchestrator.core import EffectFailed, GenerationSucceeded
+from stampflow.nodes.stamping import StampingNode
 from tests.unit.test_inference import TINY
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux", seed=0)
+@pytest.fixture
+def tiny_dir(tiny_flux_model: Path) -> Path:
+    return tiny_flux_model
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +119,8 @@ def _node(tiny_dir: Path, tmp_path: Path, **policy: object) -> InferenceEffectNo
 
 
 def _workflow() -> Workflow:
-    return Workflow(uuid.uuid4(), "generation", "generating", context={"namespace": "test"})
+    return Workflow(uuid.uuid4(), "generation", "generating", context=WorkflowContext(
+        namespace="test", request_id=uuid.uuid4(), started_at=datetime.now(UTC)))
 
 
 def _request(prompt: str = "a red cat", **kw: object) -> GenerationRequested:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import running_stack, settings_for, wait_for
+from stampflow.testing.stack import running_stack, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -15,11 +15,11 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from nodes.deadletter import dead_letter
 from stampflow.bus import ensure_topics, make_producer
 from stampflow.migrate import LOCK_KEY, default_migrations_dir, discover
+from stampflow.nodes.deadletter import dead_letter
 from stampflow.services import EmbeddedPostgres
-from tests.integration.stack import (
+from stampflow.testing.stack import (
     finished_count,
     read_topic,
     running_stack,

@@ -1,4 +1,4 @@
-"""Outages through fault proxies (tests/faultproxy.py): the broker or PostgreSQL refusing,
+"""Outages through fault proxies (stampflow.testing.faultproxy): the broker or PostgreSQL refusing,
 hanging or flapping for minutes while node processes run.
 
 - The campaign (tests/integration/campaign.py) under each outage: nothing lost or doubled
@@ -28,7 +28,14 @@ from stampflow.app import prepare
 from stampflow.client import Client
 from stampflow.errors import ServiceUnavailable
 from stampflow.services import check_broker, check_database
-from tests.faultproxy import Fault, FaultProxy
+from stampflow.testing.faultproxy import Fault, FaultProxy
+from stampflow.testing.stack import (
+    NodeProcess,
+    aggregates,
+    finished_count,
+    reconcile,
+    settings_for,
+)
 from tests.integration.campaign import (
     LEAD_IN_MS,
     LEAD_IN_S,
@@ -36,13 +43,6 @@ from tests.integration.campaign import (
     Outage,
     Proxies,
     run_campaign,
-)
-from tests.integration.stack import (
-    NodeProcess,
-    aggregates,
-    finished_count,
-    reconcile,
-    settings_for,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, parse_dead_letter
 from stampflow.bus import make_producer
-from tests.integration.stack import (
+from stampflow.nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, parse_dead_letter
+from stampflow.testing.stack import (
     fetch,
     finished_count,
     read_topic,

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from stampflow.bus import KafkaPublisher, ensure_topics, started_producer
-from tests.integration.stack import read_topic
+from stampflow.testing.stack import read_topic
 
 pytestmark = pytest.mark.integration
 

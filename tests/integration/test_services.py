@@ -30,7 +30,7 @@ from stampflow.services import (
     with_database,
 )
 from stampflow.settings import Settings
-from tests.conftest import Services
+from stampflow.testing.pytest_plugin import Services
 
 pytestmark = pytest.mark.integration
 

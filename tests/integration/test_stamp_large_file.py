@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from nodes.stamping import StampingNode
+from stampflow.nodes.stamping import StampingNode
 
 def peak_kib():
     for line in open("/proc/self/status"):

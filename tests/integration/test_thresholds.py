@@ -12,11 +12,11 @@ from uuid import UUID
 
 import pytest
 
-from contracts.events import decode
-from contracts.nodes import builtin_contract
-from nodes.stamping import StampingNode
 from stampflow.bus import make_consumer
-from tests.integration.stack import finished_count, running_stack, settings_for, wait_for
+from stampflow.contracts.events import decode
+from stampflow.contracts.nodes import builtin_contract
+from stampflow.nodes.stamping import StampingNode
+from stampflow.testing.stack import finished_count, running_stack, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,9 @@ from uuid import uuid4
 
 import pytest
 
-from contracts.events import decode, derive_id
-from nodes.deadletter import parse_dead_letter
-from tests.integration.stack import (
+from stampflow.contracts.events import decode, derive_id
+from stampflow.nodes.deadletter import parse_dead_letter
+from stampflow.testing.stack import (
     aggregates,
     fetch,
     finished_count,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from blake3 import blake3
 
-import contracts
+from stampflow import contracts
 
 
 def cli(*args: str, cwd: Path | None = None,

@@ -11,8 +11,8 @@ from uuid import uuid4
 import pytest
 from pydantic import ValidationError
 
-import contracts
-from contracts.events import (
+from stampflow import contracts
+from stampflow.contracts.events import (
     EVENT_TYPES,
     Envelope,
     GenerationRequested,
@@ -23,8 +23,8 @@ from contracts.events import (
     envelope_for,
     probe_identity,
 )
-from contracts.nodes import ContractError, load_contract, load_contracts, parse_contract
-from contracts.schema import export_schemas
+from stampflow.contracts.nodes import ContractError, load_contract, load_contracts, parse_contract
+from stampflow.contracts.schema import export_schemas
 
 SPECS = Path(contracts.__file__).parent / "specs"
 
@@ -223,7 +223,11 @@ def test_a_nul_in_a_prompt_or_model_is_refused() -> None:
 
 
 def test_result_events_are_bounded_to_postgresql_column_types() -> None:
-    from contracts.events import GenerationCompleted, WorkflowCompleted, WorkflowTransitioned
+    from stampflow.contracts.events import (
+        GenerationCompleted,
+        WorkflowCompleted,
+        WorkflowTransitioned,
+    )
 
     good = {"workflow_id": str(uuid4()), "artifact_uri": "file:///a", "hash": "0" * 64,
             "size": 1, "seed": 1, "width": 64, "height": 64, "num_inference_steps": 2,
@@ -264,7 +268,7 @@ def test_inline_content_is_strict_base64(text: str) -> None:
 def test_the_exported_envelope_ties_event_type_to_the_payload() -> None:
     import jsonschema
 
-    from contracts.schema import schemas
+    from stampflow.contracts.schema import schemas
 
     validator = jsonschema.Draft202012Validator(schemas()["envelope.schema.json"])
     good = _request(content="YQ==")

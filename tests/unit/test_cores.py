@@ -3,30 +3,39 @@
 from __future__ import annotations
 
 import base64
+import copy
+from dataclasses import FrozenInstanceError
 from datetime import UTC, datetime, timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.events import (
+from stampflow.contracts.events import (
     Envelope,
+    GenerationCompleted,
     StampRequested,
+    WorkflowFailed,
     WorkflowTransitioned,
     envelope_for,
 )
-from contracts.nodes import builtin_contract
-from nodes.orchestrator.core import (
+from stampflow.contracts.nodes import ContractError, builtin_contract
+from stampflow.nodes.fsm import Workflow, WorkflowContext
+from stampflow.nodes.orchestrator.core import (
     CallStamping,
+    Command,
     EffectFailed,
     Emit,
     Finished,
+    GenerationSucceeded,
     Limits,
     OrchestratorCore,
+    Outcome,
     StampSucceeded,
+    Unusable,
 )
-from nodes.reducer.core import ReducerState, reduce
+from stampflow.nodes.reducer.core import ReducerState, reduce
 
 ORCH = builtin_contract("orchestrator")
 REDUCER = builtin_contract("reducer")
@@ -196,8 +205,8 @@ def test_reducer_consumes_what_the_orchestrator_produces() -> None:
 
 
 def test_generation_aggregates_count_each_item_s_share_of_a_batch() -> None:
-    from contracts.events import GenerationCompleted, GenerationRequested
-    from nodes.orchestrator.core import GenerationSucceeded
+    from stampflow.contracts.events import GenerationCompleted, GenerationRequested
+    from stampflow.nodes.orchestrator.core import GenerationSucceeded
 
     c = core()
     rid = uuid4()
@@ -275,3 +284,209 @@ def test_terminal_counts_agree_with_states_after_every_batch(fail: bool) -> None
                     for s in totals}
         assert totals == in_state, (batch[-1].event_type, totals, in_state)
     assert totals[end] == 1
+
+
+# --- the orchestrator core is pure: no raising for data, no mutation of its input ----------------
+
+
+def generation_request(ns: str = "g") -> Envelope:
+    from stampflow.contracts.events import GenerationRequested
+
+    rid = uuid4()
+    return envelope_for(GenerationRequested(prompt="cat", width=64, height=64), namespace=ns,
+                        event_id=rid, correlation_id=rid, causation_id=None, source="t",
+                        occurred_at=T0)
+
+
+def generation_done(workflow_id: UUID) -> GenerationSucceeded:
+    return GenerationSucceeded(GenerationCompleted(
+        workflow_id=workflow_id, artifact_uri="file:///x.png", hash="cd" * 32, size=100,
+        seed=1, width=64, height=64, num_inference_steps=2, model="tiny", device="cpu",
+        prompt_tokens=3), T0 + timedelta(seconds=1))
+
+
+def stamp_done(digest: str = "ab" * 32) -> StampSucceeded:
+    return StampSucceeded(digest, 5, "text/plain", T0, T0 + timedelta(milliseconds=3))
+
+
+def started(c: OrchestratorCore, req: Envelope) -> Workflow:
+    wf, _ = c.start(req, T0)
+    assert wf is not None
+    return wf
+
+
+def emitted(commands: list[Command]) -> list[Envelope]:
+    return [x.envelope for x in commands if isinstance(x, Emit)]
+
+
+def assert_failed_as_illegal(wf: Workflow, commands: list[Command], state: str,
+                             trigger: str) -> None:
+    """Ends as failed: a transition to ``failed`` whose reason names the state and the
+    trigger, ``workflow.failed`` with ``illegal_transition``, then ``Finished("failed")``."""
+    events = emitted(commands)
+    assert [e.event_type for e in events] == ["workflow.transitioned", "workflow.failed"]
+    moved, failed = events[0].payload, events[1].payload
+    assert isinstance(moved, WorkflowTransitioned) and isinstance(failed, WorkflowFailed)
+    assert (moved.from_state, moved.to_state, moved.trigger) == (state, "failed", "fail")
+    assert moved.reason is not None
+    assert f"'{state}'" in moved.reason and f"'{trigger}'" in moved.reason
+    assert failed.error_code == "illegal_transition"
+    assert failed.reason == moved.reason
+    assert commands[-1] == Finished("failed")
+    assert (wf.state, wf.seq) == ("failed", moved.seq)
+
+
+def test_a_stamp_outcome_for_a_generation_workflow_fails_it_instead_of_raising() -> None:
+    c = core()
+    wf = started(c, generation_request())
+    assert wf.state == "generating"
+    after, commands = c.step(wf, stamp_done())
+    assert_failed_as_illegal(after, commands, "generating", "hashed")
+    assert after.seq == wf.seq + 1
+
+
+def test_a_generation_outcome_for_a_stamp_workflow_fails_it_instead_of_raising() -> None:
+    c = core()
+    wf = started(c, request())
+    assert wf.state == "hashing"
+    after, commands = c.step(wf, generation_done(wf.workflow_id))
+    assert_failed_as_illegal(after, commands, "hashing", "generated")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_outcome_for_a_finished_workflow_is_unusable_not_a_crash(fail: bool) -> None:
+    """Documented: a finished workflow is returned unchanged with one Unusable command and no
+    transition, whatever the outcome (a second, different ending would contradict the first)."""
+    c = core()
+    wf = started(c, request())
+    done, _ = c.step(wf, EffectFailed("x", "y", T0) if fail else stamp_done())
+    assert done.state == ("failed" if fail else "completed")
+    outcomes: list[Outcome] = [stamp_done(), generation_done(wf.workflow_id),
+                               EffectFailed("late", "too late", T0)]
+    for outcome in outcomes:
+        again, commands = c.step(done, outcome)
+        assert again == done
+        assert len(commands) == 1
+        assert isinstance(commands[0], Unusable)
+        assert commands[0].error_code == "workflow_finished"
+        assert str(done.workflow_id) in commands[0].reason
+
+
+def test_an_outcome_for_a_workflow_failed_at_start_is_unusable() -> None:
+    c = core(limit=3)
+    wf = started(c, request(content=b"too long"))
+    assert wf.state == "failed"
+    again, commands = c.step(wf, stamp_done())
+    assert again == wf
+    assert [type(x) for x in commands] == [Unusable]
+
+
+def test_start_with_a_payload_that_is_not_a_request_returns_unusable() -> None:
+    c = core()
+    events = run_stamp(c, request())
+    for not_a_request in events:  # transitions, stamp.created, workflow.completed
+        wf, commands = c.start(not_a_request, T0)
+        assert wf is None
+        assert len(commands) == 1
+        assert isinstance(commands[0], Unusable)
+        assert commands[0].error_code == "not_a_request"
+        assert not_a_request.event_type in commands[0].reason
+
+
+def test_step_never_changes_the_workflow_it_is_given() -> None:
+    c = core()
+    for req, outcome in [(request(), stamp_done()),
+                         (request(), EffectFailed("not_found", "x: not found", T0)),
+                         (generation_request(), None)]:
+        wf = started(c, req)
+        before = copy.deepcopy(wf)
+        if outcome is None:
+            outcome = generation_done(wf.workflow_id)
+        after, _ = c.step(wf, outcome)
+        assert wf == before
+        assert (wf.state, wf.seq) == (before.state, before.seq)
+        assert after != wf and after.seq > wf.seq and after.state != wf.state
+    with pytest.raises(FrozenInstanceError):
+        wf.seq = 99  # type: ignore[misc]
+
+
+def test_start_and_reject_keep_the_context_typed() -> None:
+    c = core()
+    req = request("ctx")
+    wf = started(c, req)
+    assert wf.context == WorkflowContext(namespace="ctx", request_id=req.event_id,
+                                         started_at=T0, request=req.payload)
+    rid = uuid4()
+    rejected, _ = c.reject("ctx", rid, "stamp", "invalid_request", "bad", T0)
+    assert rejected is not None
+    assert rejected.context == WorkflowContext(namespace="ctx", request_id=rid, started_at=T0)
+
+
+def test_stamp_data_no_event_can_carry_fails_the_workflow() -> None:
+    c = core()
+    wf = started(c, request())
+    after, commands = c.step(wf, stamp_done(digest="not hex"))
+    failed = emitted(commands)[-1].payload
+    assert isinstance(failed, WorkflowFailed)
+    assert failed.error_code == "invalid_outcome"
+    assert after.state == "failed"
+    assert commands[-1] == Finished("failed")
+
+
+def test_reject_with_an_unusable_namespace_returns_unusable() -> None:
+    wf, commands = core().reject("Not A Namespace", uuid4(), "stamp", "x", "y", T0)
+    assert wf is None
+    assert [type(x) for x in commands] == [Unusable]
+
+
+def test_an_fsm_that_cannot_fail_everywhere_is_a_contract_error() -> None:
+    stamp = ORCH.fsm_named("stamp")
+    narrowed = stamp.model_copy(update={"transitions": tuple(
+        t.model_copy(update={"source": ("received",)}) if t.trigger == "fail" else t
+        for t in stamp.transitions)})
+    contract = ORCH.model_copy(update={"fsm": (narrowed,)})
+    with pytest.raises(ContractError, match="fail"):
+        OrchestratorCore(contract, Limits(max_content_bytes=10))
+
+
+def _outcomes(workflow_id: UUID) -> st.SearchStrategy[Outcome]:
+    at = st.datetimes(min_value=datetime(2025, 1, 1), max_value=datetime(2027, 1, 1),
+                      timezones=st.just(UTC))
+    return st.one_of(
+        st.builds(StampSucceeded, hash=st.sampled_from(["ab" * 32, "00" * 32, "xyz"]),
+                  size=st.integers(-1, 10**6), content_type=st.text(max_size=300),
+                  stamped_at=at, at=at),
+        st.builds(lambda when: GenerationSucceeded(generation_done(workflow_id).result, when),
+                  at),
+        st.builds(EffectFailed, error_code=st.text(max_size=300), reason=st.text(max_size=50),
+                  at=at),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_step_never_raises_and_seq_always_grows_by_one(data: st.DataObject) -> None:
+    c = core(limit=data.draw(st.sampled_from([3, 1000])))
+    req = data.draw(st.sampled_from([request, generation_request]))()
+    wf, commands = c.start(req, T0)
+    assert wf is not None
+    seqs = [e.payload.seq for e in emitted(commands)
+            if isinstance(e.payload, WorkflowTransitioned)]
+    finished = sum(isinstance(x, Finished) for x in commands)
+    for outcome in data.draw(st.lists(_outcomes(wf.workflow_id), max_size=6)):
+        before = copy.deepcopy(wf)
+        was_terminal = c.machines[wf.kind].is_terminal(wf.state)
+        after, more = c.step(wf, outcome)  # never raises
+        assert wf == before
+        seqs += [e.payload.seq for e in emitted(more)
+                 if isinstance(e.payload, WorkflowTransitioned)]
+        finished += sum(isinstance(x, Finished) for x in more)
+        if was_terminal:
+            assert after == wf and [type(x) for x in more] == [Unusable]
+        else:
+            assert c.machines[after.kind].is_terminal(after.state)
+            assert not any(isinstance(x, Unusable) for x in more)
+        wf = after
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert wf.seq == seqs[-1]
+    assert finished == (1 if c.machines[wf.kind].is_terminal(wf.state) else 0)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from nodes.deadletter import (
+from stampflow.nodes.deadletter import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_KEY_BYTES,
     RECORD_OVERHEAD_BYTES,
@@ -15,7 +15,7 @@ from nodes.deadletter import (
     dead_letter_key,
     parse_dead_letter,
 )
-from nodes.orchestrator.admission import Unreadable, admit
+from stampflow.nodes.orchestrator.admission import Unreadable, admit
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faultproxy import Fault, FaultProxy
+from stampflow.testing.faultproxy import Fault, FaultProxy
 
 
 class _Echo(socketserver.BaseRequestHandler):

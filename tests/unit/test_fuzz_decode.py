@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from contracts.events import MAX_PROMPT_CHARS, NAMESPACE_PATTERN, REQUEST_TYPES, decode
-from contracts.nodes import builtin_contract
-from nodes.orchestrator.admission import Admitted, Refused, Unreadable, admit
-from nodes.orchestrator.core import Emit, Limits, OrchestratorCore
+from stampflow.contracts.events import MAX_PROMPT_CHARS, NAMESPACE_PATTERN, REQUEST_TYPES, decode
+from stampflow.contracts.nodes import builtin_contract
+from stampflow.nodes.orchestrator.admission import Admitted, Refused, Unreadable, admit
+from stampflow.nodes.orchestrator.core import Emit, Limits, OrchestratorCore
 from stampflow.settings import Settings
 from tests.fuzz import JSON, RECORDS, mutated_requests
 

@@ -9,38 +9,37 @@ from uuid import uuid4
 
 import pytest
 
-from contracts.events import GenerationRequested, WorkflowFailed, envelope_for
-from contracts.nodes import builtin_contract, load_contracts
-from inference.artifacts import ArtifactStore, artifact_path
-from inference.budget import (
+from stampflow.contracts.events import GenerationRequested, WorkflowFailed, envelope_for
+from stampflow.contracts.nodes import builtin_contract, load_contracts
+from stampflow.inference.artifacts import ArtifactStore, artifact_path
+from stampflow.inference.budget import (
     ModelShape,
     batch_capacity,
     estimate_footprint,
     parameter_count,
     read_model_shape,
 )
-from inference.engine import (
+from stampflow.inference.engine import InferenceEngine, negative_prompt_acts
+from stampflow.inference.errors import InvalidRequest, ModelNotFound, UnsupportedConfiguration
+from stampflow.inference.jobs import (
     GeneratedImage,
     GenerationJob,
-    InferenceEngine,
     ItemFailed,
     ItemResult,
     batch_key,
     group_jobs,
-    negative_prompt_acts,
     split_in_halves,
     validate_size,
 )
-from inference.errors import InvalidRequest, ModelNotFound, UnsupportedConfiguration
-from inference.registry import (
+from stampflow.inference.registry import (
     LoadedPipeline,
     ModelRegistry,
     ModelSpec,
     resolve_device,
     resolve_dtype,
 )
-from inference.tiny import clip_vocab, t5_vocab
-from nodes.orchestrator.core import (
+from stampflow.inference.tiny import clip_vocab, t5_vocab
+from stampflow.nodes.orchestrator.core import (
     CallInference,
     Emit,
     GenerationBudget,

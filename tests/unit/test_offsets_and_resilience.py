@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contracts.nodes import CircuitBreakerPolicy, RetryPolicy
-from nodes.offsets import OffsetTracker
-from stampflow.observability import Throttle
-from stampflow.resilience import (
+from stampflow.contracts.nodes import CircuitBreakerPolicy, RetryPolicy
+from stampflow.nodes.offsets import OffsetTracker
+from stampflow.nodes.resilience import (
     Backoff,
     BreakerState,
     CircuitBreaker,
@@ -21,6 +20,7 @@ from stampflow.resilience import (
     retry,
     unless_stopped,
 )
+from stampflow.observability import Throttle
 
 P = ("t", 0)
 

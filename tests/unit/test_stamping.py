@@ -11,8 +11,8 @@ from blake3 import blake3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contracts.events import NAMESPACE_PATTERN
-from nodes.stamping import (
+from stampflow.contracts.events import NAMESPACE_PATTERN
+from stampflow.nodes.stamping import (
     ALGORITHM,
     CHUNK_SIZE,
     Stamp,

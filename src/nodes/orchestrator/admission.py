@@ -15,8 +15,8 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from contracts.events import REQUEST_TYPES, Envelope, WorkflowKind, decode, probe_identity
-from nodes.deadletter import one_line
+from stampflow.contracts.events import REQUEST_TYPES, Envelope, WorkflowKind, decode, probe_identity
+from stampflow.nodes.deadletter import one_line
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,43 +24,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 
-from contracts.events import (
+from stampflow.contracts.events import (
     Envelope,
-    GenerationRequested,
 )
-from contracts.nodes import NodeContract
-from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES
-from nodes.fsm import Workflow
-from nodes.offsets import OffsetTracker, PartitionKey
-from nodes.orchestrator.admission import (
-    DEFAULT_MAX_RECORD_BYTES,
-    Admitted,
-    Refused,
-    Unreadable,
-    admit,
-)
-from nodes.orchestrator.core import (
-    CallInference,
-    CallStamping,
-    Command,
-    EffectFailed,
-    Emit,
-    Finished,
-    OrchestratorCore,
-    Outcome,
-    StampSucceeded,
-)
-from nodes.publishing import FINAL_PUBLISH_ERRORS, DeadLetters, EventPublisher, Stopping
-from nodes.stamping import StampError, StampingNode
-from stampflow.observability import (
-    CONSUMER_LAG,
+from stampflow.contracts.nodes import NodeContract
+from stampflow.nodes.consuming import commit_offsets
+from stampflow.nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES
+from stampflow.nodes.fsm import Workflow
+from stampflow.nodes.metrics import (
     RETRIES,
     TRANSITION_SECONDS,
     TRANSITIONS,
@@ -68,27 +45,38 @@ from stampflow.observability import (
     WORKFLOWS,
     WORKFLOWS_IN_FLIGHT,
 )
-from stampflow.resilience import (
-    Backoff,
+from stampflow.nodes.offsets import OffsetTracker, PartitionKey
+from stampflow.nodes.orchestrator.admission import (
+    DEFAULT_MAX_RECORD_BYTES,
+    Admitted,
+    Refused,
+    Unreadable,
+    admit,
+)
+from stampflow.nodes.orchestrator.core import (
+    CallInference,
+    CallStamping,
+    Command,
+    Emit,
+    Finished,
+    OrchestratorCore,
+    Unusable,
+)
+from stampflow.nodes.orchestrator.effects import Effects, InferenceEffect
+from stampflow.nodes.publishing import FINAL_PUBLISH_ERRORS, DeadLetters, EventPublisher, Stopping
+from stampflow.nodes.resilience import (
     BreakerState,
     CircuitBreaker,
-    CircuitOpen,
     bounded,
+    retry,
     sleep_unless,
-    unless_stopped,
 )
+from stampflow.nodes.stamping import StampingNode
 
 log = structlog.get_logger("stampflow.orchestrator")
 
 __all__ = ["EventPublisher", "InferenceEffect", "Orchestrator", "OrchestratorConfig"]
 
-
-class InferenceEffect(Protocol):
-    """The inference effect node as the orchestrator sees it (see ``inference``)."""
-
-    async def generate(
-        self, request: GenerationRequested, seed: int, workflow: Workflow
-    ) -> Outcome: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +118,8 @@ class Orchestrator:
         self.publisher = publisher
         self.stamping = stamping
         self.inference = inference
+        self.effects = Effects(stamping, inference,
+                               timeout_s=contract.io_policy.timeout_ms / 1000.0, clock=clock)
         self.clock = clock
         self.breaker = CircuitBreaker("broker", contract.io_policy.circuit_breaker)
         self.tracker = OffsetTracker()
@@ -216,29 +206,10 @@ class Orchestrator:
             TopicPartition(*key): offset for key, offset in self.tracker.committable().items()
             if key in assigned and (keys is None or key in keys)
         }
-        if not offsets:
-            return
-        try:
-            # Bounded: with the coordinator unreachable a commit waits for it indefinitely.
-            # Abandoned when a stop comes: the way out commits once more, briefly.
-            if self._stop.is_set():
-                await asyncio.wait_for(consumer.commit(offsets), self.config.shutdown_call_s)
-            else:
-                await unless_stopped(self._stop, lambda: consumer.commit(offsets), timeout=10.0)
-        except Stopping:
-            return
-        except CommitFailedError as err:
-            # The group moved on (rebalance): the new owner re-runs these records, and the
-            # deterministic ids make that harmless.
-            log.warning("offset commit refused by the group", error=str(err), throttle=True)
-        except (KafkaError, TimeoutError) as err:
-            log.warning("offset commit failed; will retry", error=str(err) or type(err).__name__,
-                        throttle=True)
-        for tp, offset in offsets.items():
-            high = consumer.highwater(tp)
-            if high is not None:  # records not yet finished, or not yet fetched
-                CONSUMER_LAG.labels(self.config.group_id, tp.topic, str(tp.partition)).set(
-                    max(0, high - offset))
+        if offsets:
+            await commit_offsets(consumer, offsets, stop=self._stop,
+                                 group_id=self.config.group_id,
+                                 call_s=self.config.shutdown_call_s)
 
     # --- one record --------------------------------------------------------------------------
 
@@ -268,42 +239,32 @@ class Orchestrator:
         """Returns only once the record's outcome is acknowledged by the broker: its events,
         or its dead letter. Raises :class:`Stopping` when told to stop first."""
         WORKFLOWS_IN_FLIGHT.inc()
-        backoff = Backoff(self.contract.io_policy.retry)
+
+        def retrying(attempt: int, err: BaseException, wait: float) -> None:
+            # The whole record runs again. Same ids, so the events already delivered are
+            # applied once by the reducer.
+            RETRIES.labels("broker").inc()
+            log.warning("publish failed; retrying", error=str(err) or type(err).__name__,
+                        wait_s=round(wait, 3), attempt=attempt, offset=record.offset,
+                        partition=record.partition, throttle=True)
+
         try:
-            while True:
-                try:
-                    self.breaker.check()
-                    await self._process(record)
-                    self.breaker.success()
-                    self.processed += 1
-                    return
-                except CircuitOpen as err:
-                    wait = err.retry_in_s + backoff.next_s() * 0.1
-                except FINAL_PUBLISH_ERRORS as err:
-                    # Sending again cannot help: the request goes aside with the reason, and
-                    # the partition moves on.
-                    self.breaker.success()  # the broker answered
-                    await self._dead_letters.send(
-                        record, f"its events cannot be published: {type(err).__name__}: {err}")
-                    return
-                except KafkaError as err:
-                    # Run the whole record again later. Same ids, so the events already
-                    # delivered are applied once by the reducer.
-                    self.breaker.failure()
-                    RETRIES.labels("broker").inc()
-                    wait = backoff.next_s()
-                    log.warning("publish failed; retrying", error=str(err) or type(err).__name__,
-                                wait_s=round(wait, 3), attempt=backoff.attempt,
-                                offset=record.offset, partition=record.partition, throttle=True)
-                except Stopping:
-                    raise  # from a dead letter in _process: the record stays unfinished
-                except Exception as err:  # noqa: BLE001 - a bug must not lose the record
-                    log.exception("unexpected error; sending the record to the dead-letter topic",
-                                  offset=record.offset, partition=record.partition)
-                    await self._dead_letters.send(record, f"internal error: {err!r}")
-                    return
-                if await sleep_unless(self._stop, wait):
-                    raise Stopping
+            await retry(lambda: self._process(record), policy=self.contract.io_policy.retry,
+                        transient=(KafkaError,), final=FINAL_PUBLISH_ERRORS,
+                        breaker=self.breaker, stop=self._stop, forever=True,
+                        on_retry=retrying)
+            self.processed += 1
+        except FINAL_PUBLISH_ERRORS as err:
+            # Sending again cannot help: the request goes aside with the reason, and the
+            # partition moves on.
+            await self._dead_letters.send(
+                record, f"its events cannot be published: {type(err).__name__}: {err}")
+        except Stopping:
+            raise  # the record stays unfinished, to be redone
+        except Exception as err:  # noqa: BLE001 - a bug must not lose the record
+            log.exception("unexpected error; sending the record to the dead-letter topic",
+                          offset=record.offset, partition=record.partition)
+            await self._dead_letters.send(record, f"internal error: {err!r}")
         finally:
             WORKFLOWS_IN_FLIGHT.dec()
 
@@ -323,6 +284,10 @@ class Orchestrator:
             t0 = time.perf_counter()
             workflow, commands = self.core.start(request, self.clock())
             self._timed(t0, commands)
+            if workflow is None:  # no workflow can exist for it (not a request): aside it goes
+                await self._dead_letters.send(record, "; ".join(
+                    c.reason for c in commands if isinstance(c, Unusable)))
+                return
             await self._execute(workflow, commands, request)
         finally:
             structlog.contextvars.unbind_contextvars("correlation_id", "namespace")
@@ -344,17 +309,17 @@ class Orchestrator:
                                   to_state=getattr(payload, "to_state", None))
                 case CallStamping(request=stamp_request):
                     # Stamping is quick: its events go out with the result, in one flush.
-                    outcome = await self._stamp(stamp_request, request.namespace)
+                    outcome = await self.effects.stamp(stamp_request, request.namespace)
                     t0 = time.perf_counter()
-                    _, more = self.core.step(workflow, outcome)
+                    workflow, more = self.core.step(workflow, outcome)
                     self._timed(t0, more)
                     queue[:0] = more
                 case CallInference(request=gen_request, seed=seed):
                     # Generation takes long: publish what happened so far first.
                     await self._flush(pending)
-                    outcome = await self._generate(gen_request, seed, workflow)
+                    outcome = await self.effects.generate(gen_request, seed, workflow)
                     t0 = time.perf_counter()
-                    _, more = self.core.step(workflow, outcome)
+                    workflow, more = self.core.step(workflow, outcome)
                     self._timed(t0, more)
                     queue[:0] = more
                 case Finished(state=state):
@@ -381,43 +346,15 @@ class Orchestrator:
             await self.publisher.send_many(self.config.events_topic, pending)
             pending.clear()
 
-    async def _stamp(self, request: Any, namespace: str) -> Outcome:
-        timeout = self.contract.io_policy.timeout_ms / 1000.0
-        try:
-            if request.path is not None:
-                stamp = await asyncio.wait_for(
-                    asyncio.to_thread(self.stamping.stamp_path, request.path,
-                                      namespace=namespace), timeout)
-            else:
-                data: bytes = request.content
-                if len(data) > 256 * 1024:
-                    stamp = await asyncio.wait_for(asyncio.to_thread(
-                        self.stamping.stamp_bytes, data, namespace=namespace,
-                        content_type=request.content_type), timeout)
-                else:
-                    stamp = self.stamping.stamp_bytes(data, namespace=namespace,
-                                                      content_type=request.content_type)
-        except StampError as err:
-            return EffectFailed(err.code, str(err), self.clock())
-        except TimeoutError:
-            return EffectFailed("timeout", f"stamping took longer than {timeout:.1f}s",
-                                self.clock())
-        return StampSucceeded(stamp.hash, stamp.size, stamp.content_type, stamp.stamped_at,
-                              self.clock())
-
-    async def _generate(self, request: GenerationRequested, seed: int,
-                        workflow: Workflow) -> Outcome:
-        if self.inference is None:
-            return EffectFailed("no_inference",
-                                "this orchestrator runs without an inference effect node",
-                                self.clock())
-        return await self.inference.generate(request, seed, workflow)
-
     # --- bad input ---------------------------------------------------------------------------
 
     async def _reject(self, refused: Refused) -> None:
-        _, commands = self.core.reject(refused.namespace, refused.request_id, refused.kind,
-                                       refused.code, refused.reason, self.clock())
+        workflow, commands = self.core.reject(refused.namespace, refused.request_id,
+                                              refused.kind, refused.code, refused.reason,
+                                              self.clock())
+        if workflow is None:  # admission vouched for its namespace and kind: a bug if reached,
+            # and _handle dead-letters the record with this reason
+            raise RuntimeError("; ".join(c.reason for c in commands if isinstance(c, Unusable)))
         log.warning("rejected request", namespace=refused.namespace,
                     request_id=str(refused.request_id), code=refused.code,
                     reason=refused.reason)

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import assert_never
 from uuid import UUID
 
-from contracts.events import (
+from stampflow.contracts.events import (
     Envelope,
     GenerationCompleted,
     GenerationRequested,
@@ -24,7 +24,7 @@ from contracts.events import (
     WorkflowFailed,
     WorkflowTransitioned,
 )
-from contracts.nodes import FsmSpec
+from stampflow.contracts.nodes import FsmSpec
 
 
 @dataclass(frozen=True, slots=True)

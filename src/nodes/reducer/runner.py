@@ -28,65 +28,31 @@ from typing import TypeVar
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
-from contracts.events import Envelope, decode
-from contracts.nodes import NodeContract
-from nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, one_line
-from nodes.publishing import DeadLetters, EventPublisher
-from nodes.reducer.store import BatchResult, ReducerStore
-from stampflow.observability import (
-    CONSUMER_LAG,
+from stampflow.contracts.events import Envelope, decode
+from stampflow.contracts.nodes import NodeContract
+from stampflow.nodes import pgerrors
+from stampflow.nodes.consuming import commit_offsets
+from stampflow.nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, one_line
+from stampflow.nodes.metrics import (
     REDUCER_BATCH,
     REDUCER_EVENTS,
     RETRIES,
 )
-from stampflow.resilience import (
-    Backoff,
+from stampflow.nodes.pgerrors import DATA_ERRORS
+from stampflow.nodes.publishing import DeadLetters, EventPublisher
+from stampflow.nodes.reducer.store import BatchResult, ReducerStore
+from stampflow.nodes.resilience import (
     CircuitBreaker,
-    CircuitOpen,
     Stopping,
     bounded,
-    sleep_unless,
+    retry,
     unless_stopped,
 )
 
 log = structlog.get_logger("stampflow.reducer")
 T = TypeVar("T")
-
-# PostgreSQL errors worth retrying: the server went away, or a lock conflict.
-TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.QueryCanceledError,  # a statement timeout
-    asyncpg.LockNotAvailableError,
-    TimeoutError,
-)
-
-# What PostgreSQL (or asyncpg, encoding the arguments) says about the *data*: the same events
-# will fail the same way however often they are sent. Bisected down to the event at fault.
-# Anything else that is not transient (no privilege, a missing table, a full disk) is a
-# problem of the database, not of an event: retried like a transient error, so an operator
-# can fix it without any event being set aside.
-DATA_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.DataError,  # class 22, and asyncpg's own "invalid input for query argument"
-    asyncpg.IntegrityConstraintViolationError,  # class 23
-    UnicodeError,
-    OverflowError,
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-)
-
 
 @dataclass(frozen=True, slots=True)
 class ReducerConfig:
@@ -224,55 +190,29 @@ class Reducer:
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call`` until it succeeds, retrying what is not the data's fault; raises
-        :class:`Stopping` when told to stop first, and the data errors as they are."""
-        backoff = Backoff(self.contract.io_policy.retry)
-        while True:
-            try:
-                self.breaker.check()
-                result = await unless_stopped(self._stop, call,
-                                              timeout=self.config.apply_timeout_s,
-                                              unwind_s=self.config.shutdown_call_s)
-                self.breaker.success()
-                return result
-            except CircuitOpen as err:
-                wait = err.retry_in_s
-            except DATA_ERRORS:
-                self.breaker.success()  # the database answered
-                raise
-            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as err:
-                self.breaker.failure()
-                RETRIES.labels("postgresql").inc()
-                wait = backoff.next_s()
-                log.warning("database write failed; retrying", error=_describe(err),
-                            attempt=backoff.attempt, wait_s=round(wait, 3), throttle=True)
-            # Heartbeats keep the group membership while waiting; not calling getmany means
-            # no new records pile up in memory.
-            if await sleep_unless(self._stop, wait):
-                raise Stopping
+        :class:`Stopping` when told to stop first, and the data errors as they are. While
+        it waits, heartbeats keep the group membership, and no new records pile up."""
+
+        def retrying(attempt: int, err: BaseException, wait: float) -> None:
+            RETRIES.labels("postgresql").inc()
+            log.warning("database write failed; retrying", error=_describe(err),
+                        attempt=attempt, wait_s=round(wait, 3), throttle=True)
+
+        return await retry(
+            lambda: unless_stopped(self._stop, call, timeout=self.config.apply_timeout_s,
+                                   unwind_s=self.config.shutdown_call_s),
+            policy=self.contract.io_policy.retry,
+            transient=(*pgerrors.TRANSIENT, asyncpg.PostgresError), final=DATA_ERRORS,
+            breaker=self.breaker, stop=self._stop, forever=True, on_retry=retrying)
 
     async def _commit(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         offsets: dict[TopicPartition, int] = {}
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
-        try:
-            # Bounded: with the coordinator unreachable a commit waits for it indefinitely.
-            # The batch is durable already; an uncommitted one is re-delivered and skipped.
-            await unless_stopped(self._stop, lambda: self.consumer.commit(offsets),
-                                 timeout=10.0, unwind_s=self.config.shutdown_call_s)
-        except Stopping:
-            pass
-        except CommitFailedError as err:
-            log.warning("offset commit refused by the group; batch will be re-delivered "
-                        "and skipped as already applied", error=str(err), throttle=True)
-        except (KafkaError, TimeoutError) as err:
-            log.warning("offset commit failed", error=str(err) or type(err).__name__,
-                        throttle=True)
-        for tp, offset in offsets.items():
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                CONSUMER_LAG.labels(self.config.group_id, tp.topic, str(tp.partition)).set(
-                    max(0, high - offset))
+        # The batch is durable already: an uncommitted one is re-delivered and skipped.
+        await commit_offsets(self.consumer, offsets, stop=self._stop,
+                             group_id=self.config.group_id, call_s=self.config.shutdown_call_s)
 
 
 def _describe(err: BaseException) -> str:

@@ -15,9 +15,9 @@ from uuid import UUID
 
 import asyncpg
 
-from contracts.events import Envelope, storable
-from contracts.nodes import FsmSpec
-from nodes.reducer.core import ReducerState, WorkflowRow, Writes, reduce, touched
+from stampflow.contracts.events import Envelope, storable
+from stampflow.contracts.nodes import FsmSpec
+from stampflow.nodes.reducer.core import ReducerState, WorkflowRow, Writes, reduce, touched
 
 
 @dataclass(frozen=True, slots=True)

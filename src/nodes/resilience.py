@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from contracts.nodes import CircuitBreakerPolicy, RetryPolicy
+from stampflow.contracts.nodes import CircuitBreakerPolicy, RetryPolicy
 
 T = TypeVar("T")
 
@@ -185,34 +185,55 @@ async def retry(
     call: Callable[[], Awaitable[T]],
     *,
     policy: RetryPolicy,
-    breaker: CircuitBreaker,
     transient: tuple[type[BaseException], ...],
+    breaker: CircuitBreaker | None = None,
+    final: tuple[type[BaseException], ...] = (),
+    stop: asyncio.Event | None = None,
+    forever: bool = False,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
 ) -> T:
-    """Run ``call`` until it succeeds, waiting between tries; give up after max_attempts.
+    """``call()`` until it succeeds, waiting a capped, jittered backoff of this call's own
+    between tries. The one retry loop of the nodes (the effect node's calls, every record
+    and write of the runners, dead letters, start-up).
 
-    Only ``transient`` errors are retried. While the breaker is open, waiting replaces calling.
+    - Only ``transient`` errors are retried; anything else is raised at once. ``final`` errors
+      (subclasses of a transient one that retrying cannot fix, e.g. a record too large for the
+      broker) are raised at once too, and count as the service answering.
+    - Behind ``breaker``: while it is open, waiting replaces calling; a transient error counts
+      as a failure, a success or a final error as a success.
+    - ``forever``: never give up (a node's records must not be dropped); otherwise give up
+      after ``policy.max_attempts`` tries and raise the last error.
+    - ``stop``: every wait ends when it is set, and :class:`Stopping` is raised: the work
+      stays undone, to be redone by whoever owns it next.
+    - ``on_retry(attempt, error, wait_s)`` is told of each transient failure before its wait.
     """
     backoff = Backoff(policy)
     attempt = 0
     while True:
         attempt += 1
         try:
-            breaker.check()
+            if breaker is not None:
+                breaker.check()
             result = await call()
         except CircuitOpen as err:
-            if attempt >= policy.max_attempts:
+            if not forever and attempt >= policy.max_attempts:
                 raise
-            await asyncio.sleep(max(0.01, err.retry_in_s))
-            continue
+            wait = max(0.01, err.retry_in_s + backoff.next_s() * 0.1)
+        except final:
+            if breaker is not None:
+                breaker.success()
+            raise
         except transient as err:
-            breaker.failure()
-            if attempt >= policy.max_attempts:
+            if breaker is not None:
+                breaker.failure()
+            if not forever and attempt >= policy.max_attempts:
                 raise
             wait = backoff.next_s()
             if on_retry is not None:
                 on_retry(attempt, err, wait)
-            await asyncio.sleep(wait)
-            continue
-        breaker.success()
-        return result
+        else:
+            if breaker is not None:
+                breaker.success()
+            return result
+        if await sleep_unless(stop, wait):
+            raise Stopping

@@ -24,6 +24,10 @@ library is imported here: the child runs this file as a script.
 DOWN keeps the port: while down, the proxy holds it with a socket that is bound but does not
 listen (connects are refused by the kernel; nobody else can take the port), and the port is
 picked below the kernel's ephemeral range, so no outgoing connection is handed it meanwhile.
+
+Why one file past 400 lines: the child process runs this very file as a script with the
+standard library alone (no package import, so it starts in milliseconds and cannot be broken by
+what it proxies), so the proxy, its control protocol and both modes must live together.
 """
 
 from __future__ import annotations

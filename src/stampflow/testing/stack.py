@@ -16,10 +16,10 @@ from typing import Any
 
 import asyncpg
 
-from contracts.nodes import NodeContract
 from stampflow.app import RunningNodes, run_nodes
 from stampflow.bus import make_consumer
 from stampflow.client import Client
+from stampflow.contracts.nodes import NodeContract
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
@@ -27,7 +27,7 @@ from stampflow.settings import Settings
 def settings_for(endpoints: Endpoints, topic_prefix: str, content_root: Path,
                  **overrides: Any) -> Settings:
     return Settings(
-        services="external", database_url=endpoints.database_url,  # type: ignore[arg-type]
+        services="external", database_url=endpoints.database_url,
         bootstrap_servers=endpoints.bootstrap_servers, topic_prefix=topic_prefix,
         consumer_group_prefix=topic_prefix, content_root=content_root,
         log_level="WARNING", **overrides,
