@@ -18,6 +18,7 @@ from blake3 import blake3
 
 from stampflow.services import free_port
 from stampflow.testing.containers import KAFKA_IMAGE, PASSWORD, POSTGRES_IMAGE
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import aggregates, finished_count, reconcile, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -78,7 +79,7 @@ def _truth(items: list[tuple[str, bytes]]) -> dict[str, dict[str, int]]:
 
 
 async def test_reducer_container_stopped_and_started_loses_and_doubles_nothing(
-    services, topic_prefix: str,  # type: ignore[no-untyped-def]
+    services: Services, topic_prefix: str,
 ) -> None:
     if services.source != "containers":
         pytest.skip("runs the stack as containers: needs --services=containers")

@@ -12,6 +12,7 @@ from blake3 import blake3
 
 from stampflow.app import prepare
 from stampflow.client import Client
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import (
     NodeProcess,
     aggregates,
@@ -36,7 +37,7 @@ async def _wait_finished(url: str, n: int, timeout: float) -> int:
 
 
 async def test_kill_9_and_restart_lose_nothing_and_count_nothing_twice(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     content = tmp_path / "content"
@@ -121,7 +122,7 @@ async def test_kill_9_and_restart_lose_nothing_and_count_nothing_twice(
 
 
 async def test_two_orchestrators_share_the_work(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, tmp_path)

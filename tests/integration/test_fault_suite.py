@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from stampflow.services import EmbeddedBroker, Endpoints
+from stampflow.testing.pytest_plugin import Services
 from tests.integration.campaign import (
     Config,
     make_plan,
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 async def test_ten_thousand_requests_under_faults_lose_nothing_and_count_nothing_twice(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
     tiny_flux_model: Path,
 ) -> None:
     if services.postgres is None or services.broker is None:
@@ -55,7 +56,7 @@ def test_the_plan_is_seeded_and_mixed() -> None:
 
 
 async def test_broker_killed_on_s3_storage_loses_nothing(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     """The broker itself SIGKILLed and restarted, twice, among node kills: with Tansu's S3
     storage engine (on moto's S3-API server) its topics, records and committed offsets

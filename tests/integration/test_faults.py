@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import (
     aggregates,
     finished_count,
@@ -20,7 +21,7 @@ from stampflow.testing.stack import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _embedded(services):  # type: ignore[no-untyped-def]
+def _embedded(services: Services):
     if services.postgres is None or services.broker is None:
         pytest.skip("fault injection needs the embedded services (their PIDs)")
     return services
@@ -34,7 +35,7 @@ async def _submit(stack, n: int, start: int) -> None:  # type: ignore[no-untyped
 
 @pytest.mark.parametrize("how", ["restart", "crash"])
 async def test_postgres_outage_loses_nothing(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path, how: str,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path, how: str,
 ) -> None:
     svc = _embedded(services)
     endpoints = svc.endpoints.with_database(fresh_database_url)
@@ -61,7 +62,7 @@ async def test_postgres_outage_loses_nothing(
 
 
 async def test_frozen_broker_loses_nothing(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     svc = _embedded(services)
     endpoints = svc.endpoints.with_database(fresh_database_url)

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from stampflow.app import prepare
 from stampflow.contracts.events import derive_id
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import fetch, settings_for
 from tests.integration.fuzz_run import grouped, run_records
 from tests.oracle import ContentRoot, Expectation, Oracle, summarize
@@ -130,7 +131,7 @@ def tiny_model(tiny_flux_model: Path) -> Path:
 
 
 async def test_valid_but_nasty_requests_end_to_end(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
     tiny_model: Path,
 ) -> None:
     t_start = time.monotonic()

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
 from stampflow.app import prepare
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import settings_for
 from tests.fuzz import RECORDS
 from tests.integration.fuzz_run import grouped, run_records
@@ -76,7 +77,7 @@ def distinct_requests(raws: list[bytes], oracle: Oracle, n: int,
 
 
 async def test_ten_thousand_fuzz_records_against_running_nodes(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     t0 = time.monotonic()
     content = ContentRoot(tmp_path / "content")

@@ -14,6 +14,7 @@ from blake3 import blake3
 
 from stampflow.contracts.events import GenerationRequested, derive_id
 from stampflow.contracts.nodes import load_contracts
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import (
     aggregates,
     fetch,
@@ -38,7 +39,7 @@ def small(prompt: str, **kw: object) -> GenerationRequested:
 
 
 async def test_generation_requests_end_to_end(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
     tiny_model: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
@@ -104,7 +105,7 @@ async def test_generation_requests_end_to_end(
 
 
 async def test_a_generation_that_times_out_fails_clearly(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
     tiny_model: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)

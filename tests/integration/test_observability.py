@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import running_stack, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 async def test_nodes_serve_health_readiness_and_metrics(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, tmp_path)

@@ -19,6 +19,7 @@ from stampflow.bus import ensure_topics, make_producer
 from stampflow.migrate import LOCK_KEY, default_migrations_dir, discover
 from stampflow.nodes.deadletter import dead_letter
 from stampflow.services import EmbeddedPostgres
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import (
     finished_count,
     read_topic,
@@ -49,7 +50,7 @@ def as_role(url: str, role: str) -> str:
 
 
 async def test_a_namespace_role_sees_only_its_namespace(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, tmp_path)
@@ -92,7 +93,7 @@ async def test_a_namespace_role_sees_only_its_namespace(
 
 
 async def test_workflow_history_and_verify_through_the_cli(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, tmp_path)
@@ -162,7 +163,7 @@ def test_two_concurrent_migrate_commands_apply_each_migration_once(
 
 
 async def test_dlq_list_and_replay_through_the_cli(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, tmp_path)
@@ -220,7 +221,7 @@ async def _forge_dead_letter(bootstrap: str, dlq: str, *, topic: str, value: byt
 
 
 async def test_dlq_replay_goes_only_to_the_named_topic_and_once(
-    services, fresh_database_url: str, topic_prefix: str,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str,
 ) -> None:
     bootstrap = services.endpoints.bootstrap_servers
     env = {"database_url": fresh_database_url, "bootstrap": bootstrap,
@@ -270,7 +271,7 @@ MARKUP = "[/x] [link=http://e]x[/link] [bold]b"
 
 
 async def test_text_from_the_data_is_printed_literally_never_as_markup(
-    services, fresh_database_url: str, topic_prefix: str,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str,
 ) -> None:
     bootstrap = services.endpoints.bootstrap_servers
     env = {"database_url": fresh_database_url, "bootstrap": bootstrap,
@@ -302,7 +303,7 @@ async def test_text_from_the_data_is_printed_literally_never_as_markup(
 
 
 async def test_a_namespace_role_cannot_take_the_migration_lock(
-    services, fresh_database_url: str,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str,
 ) -> None:
     if not isinstance(services.postgres, EmbeddedPostgres):
         pytest.skip("the advisory-lock functions are revoked from PUBLIC by the embedded "

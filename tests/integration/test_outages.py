@@ -29,6 +29,7 @@ from stampflow.client import Client
 from stampflow.errors import ServiceUnavailable
 from stampflow.services import check_broker, check_database
 from stampflow.testing.faultproxy import Fault, FaultProxy
+from stampflow.testing.pytest_plugin import ProxiedServices
 from stampflow.testing.stack import (
     NodeProcess,
     aggregates,
@@ -57,8 +58,9 @@ def _length(request: pytest.FixtureRequest, ci_s: float) -> float:
 # --- the proxies really are in the way ---------------------------------------------------------
 
 
-async def test_every_connection_goes_through_the_proxies(proxied_services, topic_prefix: str,  # type: ignore[no-untyped-def]
-                                                         tmp_path: Path) -> None:
+async def test_every_connection_goes_through_the_proxies(
+    proxied_services: ProxiedServices, topic_prefix: str, tmp_path: Path,
+) -> None:
     ps = proxied_services
     settings = settings_for(ps.endpoints, topic_prefix, tmp_path)
     await prepare(settings, ps.endpoints)
@@ -99,7 +101,7 @@ OUTAGES = {  # id: (target, fault, CI seconds): the broker's after a lead-in (ca
 
 @pytest.mark.parametrize("which", list(OUTAGES))
 async def test_campaign_under_an_outage_loses_nothing_and_every_node_survives(
-    proxied_services, topic_prefix: str, tmp_path: Path, which: str,  # type: ignore[no-untyped-def]
+    proxied_services: ProxiedServices, topic_prefix: str, tmp_path: Path, which: str,
     request: pytest.FixtureRequest,
 ) -> None:
     target, fault, ci_s = OUTAGES[which]
@@ -191,7 +193,7 @@ SIGTERM_OUTAGES = {  # id: (proxies, fault)
 
 @pytest.mark.parametrize("which", list(SIGTERM_OUTAGES))
 async def test_sigterm_during_an_outage_ends_each_node_within_30s_and_loses_nothing(
-    proxied_services, topic_prefix: str, tmp_path: Path, which: str,  # type: ignore[no-untyped-def]
+    proxied_services: ProxiedServices, topic_prefix: str, tmp_path: Path, which: str,
 ) -> None:
     ps = proxied_services
     targets, fault = SIGTERM_OUTAGES[which]
@@ -257,7 +259,7 @@ START_OUTAGES = {"broker-down": ("broker", Fault.DOWN), "postgres-down": ("postg
 
 @pytest.mark.parametrize("which", list(START_OUTAGES))
 async def test_a_node_started_during_an_outage_waits_for_its_services(
-    proxied_services, topic_prefix: str, tmp_path: Path, which: str,  # type: ignore[no-untyped-def]
+    proxied_services: ProxiedServices, topic_prefix: str, tmp_path: Path, which: str,
 ) -> None:
     """A node (re)started while a service is gone (a deployment rolling during an outage, a
     crashed node restarted by its supervisor) waits for it, then works; it never exits."""
@@ -294,7 +296,7 @@ SETTLE_S = 5.0
 
 
 async def test_a_minute_of_refused_broker_logs_boundedly(
-    proxied_services, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    proxied_services: ProxiedServices, topic_prefix: str, tmp_path: Path,
 ) -> None:
     ps = proxied_services
     settings = settings_for(ps.endpoints, topic_prefix, tmp_path)

@@ -12,6 +12,7 @@ import pytest
 
 from stampflow.bus import make_producer
 from stampflow.nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, parse_dead_letter
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import (
     fetch,
     finished_count,
@@ -41,7 +42,7 @@ def _hostile_event(namespace: str) -> bytes:
 
 
 async def test_values_the_database_refuses_never_stop_the_reducer(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     """Before: one NUL in a content type stopped the reducer for good (it exited, and again
     on every restart). Now the contract refuses the NUL at admission (a failed workflow with
@@ -81,7 +82,7 @@ async def test_values_the_database_refuses_never_stop_the_reducer(
 
 
 async def test_a_record_near_the_size_limit_becomes_a_bounded_dead_letter(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     """Before: an unreadable record of ~0.8-1 MiB made a dead letter over the broker's limit
     (base64 inside JSON); the publish failed with MessageSizeTooLargeError, which the

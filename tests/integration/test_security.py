@@ -23,6 +23,7 @@ from stampflow.app import prepare
 from stampflow.client import Client
 from stampflow.migrate import migrate
 from stampflow.services import PG_SYSTEM_USER, EmbeddedPostgres, check_database, pid_alive
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import NodeProcess, finished_count, settings_for, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -38,7 +39,7 @@ def _cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_a_planted_password_never_reaches_the_logs(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     url = fresh_database_url
     secret = urlsplit(url).password
@@ -95,7 +96,7 @@ async def _done(url: str, n: int) -> bool:
     return await finished_count(url) >= n
 
 
-def _embedded(services) -> EmbeddedPostgres:  # type: ignore[no-untyped-def]
+def _embedded(services: Services) -> EmbeddedPostgres:
     if not isinstance(services.postgres, EmbeddedPostgres):
         pytest.skip("the embedded PostgreSQL's own set-up")
     return services.postgres
@@ -112,7 +113,7 @@ def _private(path: Path, mode: int) -> None:
         assert stat.S_IMODE(info.st_mode) == mode, f"{path}: {oct(info.st_mode)}"
 
 
-async def test_embedded_postgres_asks_every_connection_for_a_password(services) -> None:  # type: ignore[no-untyped-def]
+async def test_embedded_postgres_asks_every_connection_for_a_password(services: Services) -> None:
     pg = _embedded(services)
     state_dir = pg.data_dir.parent
     _private(state_dir, 0o700)
@@ -142,7 +143,7 @@ async def test_embedded_postgres_asks_every_connection_for_a_password(services) 
 
 
 async def test_nodes_log_in_as_the_schema_owner_not_a_superuser(
-    services, fresh_database_url: str,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str,
 ) -> None:
     _embedded(services)
     published = json.loads((services.postgres.data_dir.parent / "services.json").read_text())

@@ -16,6 +16,7 @@ from stampflow.bus import make_consumer
 from stampflow.contracts.events import decode
 from stampflow.contracts.nodes import builtin_contract
 from stampflow.nodes.stamping import StampingNode
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import finished_count, running_stack, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def test_stamp_workflow_p95_and_transition_time(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     assert ORCH.workflow_p95_ms is not None and ORCH.transition_max_ms is not None
     endpoints = services.endpoints.with_database(fresh_database_url)
@@ -80,7 +81,7 @@ async def test_stamp_workflow_p95_and_transition_time(
 
 
 async def test_reducer_batches_hold_a_thousand_under_load(
-    services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     assert REDUCER.min_batch_under_load is not None
     endpoints = services.endpoints.with_database(fresh_database_url)

@@ -12,6 +12,7 @@ import pytest
 
 from stampflow.contracts.events import decode, derive_id
 from stampflow.nodes.deadletter import parse_dead_letter
+from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import (
     aggregates,
     fetch,
@@ -33,7 +34,7 @@ def content(tmp_path: Path) -> Path:
 
 
 async def test_four_namespaces_are_aggregated_in_isolation(
-    services, fresh_database_url: str, topic_prefix: str, content: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, content: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, content)
@@ -72,7 +73,7 @@ async def test_four_namespaces_are_aggregated_in_isolation(
 
 
 async def test_same_content_twice_gives_one_stamp_and_a_duplicate(
-    services, fresh_database_url: str, topic_prefix: str, content: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, content: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, content)
@@ -91,7 +92,7 @@ async def test_same_content_twice_gives_one_stamp_and_a_duplicate(
 
 
 async def test_a_redelivered_request_counts_once(
-    services, fresh_database_url: str, topic_prefix: str, content: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, content: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, content)
@@ -112,7 +113,7 @@ async def test_a_redelivered_request_counts_once(
 
 
 async def test_bad_input_fails_clearly_and_valid_work_goes_on(
-    services, fresh_database_url: str, topic_prefix: str, content: Path, tmp_path: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, content: Path, tmp_path: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, content, max_content_bytes=1024)
@@ -167,7 +168,7 @@ async def test_bad_input_fails_clearly_and_valid_work_goes_on(
 
 
 async def test_hundreds_of_workflows_run_concurrently(
-    services, fresh_database_url: str, topic_prefix: str, content: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, content: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, content, max_in_flight=256)
@@ -187,7 +188,7 @@ async def test_hundreds_of_workflows_run_concurrently(
 
 
 async def test_events_carry_correlation_ids(
-    services, fresh_database_url: str, topic_prefix: str, content: Path,  # type: ignore[no-untyped-def]
+    services: Services, fresh_database_url: str, topic_prefix: str, content: Path,
 ) -> None:
     endpoints = services.endpoints.with_database(fresh_database_url)
     settings = settings_for(endpoints, topic_prefix, content)
