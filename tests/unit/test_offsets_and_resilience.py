@@ -116,6 +116,64 @@ async def test_retry_gives_up_and_does_not_retry_other_errors() -> None:
         await retry(wrong, policy=policy, breaker=breaker, transient=(ConnectionError,))
 
 
+async def test_retry_forever_outlasts_max_attempts_and_reports_each_failure() -> None:
+    """The runners' records are never dropped: ``forever`` ignores max_attempts."""
+    calls: list[int] = []
+    seen: list[tuple[int, str]] = []
+
+    async def down_for_a_while() -> str:
+        calls.append(1)
+        if len(calls) <= 7:
+            raise ConnectionError(f"down {len(calls)}")
+        return "up"
+
+    policy = RetryPolicy(max_attempts=2, initial_backoff_ms=1, max_backoff_ms=1)
+    result = await retry(down_for_a_while, policy=policy, transient=(ConnectionError,),
+                         forever=True, on_retry=lambda n, err, wait: seen.append((n, str(err))))
+    assert result == "up" and len(calls) == 8
+    assert seen == [(n, f"down {n}") for n in range(1, 8)]
+
+
+async def test_retry_raises_final_errors_at_once_and_counts_them_as_answers() -> None:
+    """A record too large for the broker is final: retrying cannot help, and the broker did
+    answer, so the breaker is not tripped by it."""
+
+    class Transient(Exception):
+        pass
+
+    class Final(Transient):
+        pass
+
+    calls: list[int] = []
+
+    async def too_large() -> None:
+        calls.append(1)
+        raise Final("too large")
+
+    breaker = CircuitBreaker("x", CircuitBreakerPolicy(failure_threshold=1))
+    policy = RetryPolicy(max_attempts=5, initial_backoff_ms=1, max_backoff_ms=1)
+    with pytest.raises(Final):
+        await retry(too_large, policy=policy, transient=(Transient,), final=(Final,),
+                    breaker=breaker, forever=True)
+    assert len(calls) == 1
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_retry_waiting_ends_with_stopping_when_told_to_stop() -> None:
+    stop = asyncio.Event()
+
+    async def down() -> None:
+        stop.set()  # the node is told to stop while this call fails
+        raise ConnectionError("down")
+
+    policy = RetryPolicy(max_attempts=5, initial_backoff_ms=60_000, max_backoff_ms=60_000)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(Stopping):
+        await retry(down, policy=policy, transient=(ConnectionError,), stop=stop, forever=True)
+    assert loop.time() - t0 < 1.0  # not the minute's backoff
+
+
 # --- per-record backoff, half-open, jitter (issue 11) ----------------------------------------
 
 
