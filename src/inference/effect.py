@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from stampflow.contracts.events import GenerationCompleted, GenerationRequested
+from stampflow.contracts.events import GenerationCompleted, GenerationRequested, utc_now
 from stampflow.contracts.nodes import IoPolicy
 from stampflow.inference.artifacts import ArtifactStore
 from stampflow.inference.engine import InferenceEngine
@@ -53,10 +53,6 @@ SIZE_MULTIPLE = 16
 _Pending = tuple[GenerationJob, "asyncio.Future[ItemResult]"]
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 class InferenceEffectNode:
     def __init__(
         self,
@@ -68,7 +64,7 @@ class InferenceEffectNode:
         engine: InferenceEngine | None = None,
         max_pixels: int | None = None,
         default_namespace: str = "default",
-        clock: Callable[[], datetime] = _utc_now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.registry = registry
         self.artifacts = artifacts

@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote
 
 from blake3 import blake3
 
-from stampflow.contracts.events import NAMESPACE_PATTERN
+from stampflow.contracts.events import NAMESPACE_PATTERN, utc_now
 from stampflow.nodes.content_type import SNIFF_BYTES, sniff_content_type
 
 __all__ = [
@@ -57,10 +57,6 @@ _AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _TYPE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _SMALL_BUFFER = 1 << 16
 _NOT_FOUND_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG})
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class StampError(Exception):

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stampflow.nodes.deadletter import dlq_topic
+
 
 class ServiceSource(StrEnum):
     """Where the PostgreSQL server and the Kafka-protocol broker come from."""
@@ -92,4 +94,4 @@ class Settings(BaseSettings):
 
     @staticmethod
     def dlq_topic(topic: str) -> str:
-        return f"{topic}.dlq"
+        return dlq_topic(topic)

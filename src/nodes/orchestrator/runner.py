@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -32,6 +32,7 @@ from aiokafka.errors import KafkaError
 
 from stampflow.contracts.events import (
     Envelope,
+    utc_now,
 )
 from stampflow.contracts.nodes import NodeContract
 from stampflow.nodes.consuming import commit_offsets
@@ -94,10 +95,6 @@ class OrchestratorConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Orchestrator:
     def __init__(
         self,
@@ -109,7 +106,7 @@ class Orchestrator:
         publisher: EventPublisher,
         stamping: StampingNode,
         inference: InferenceEffect | None = None,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.contract = contract
         self.core = core

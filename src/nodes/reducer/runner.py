@@ -22,7 +22,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -30,7 +29,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
-from stampflow.contracts.events import Envelope, decode
+from stampflow.contracts.events import Envelope, decode, utc_now
 from stampflow.contracts.nodes import NodeContract
 from stampflow.nodes import pgerrors
 from stampflow.nodes.consuming import commit_offsets
@@ -84,7 +83,7 @@ class Reducer:
         self._stop = asyncio.Event()
         self._dead_letters = DeadLetters(
             publisher, node=contract.name, retry=contract.io_policy.retry, stop=self._stop,
-            clock=lambda: datetime.now(UTC), max_message_bytes=config.max_message_bytes)
+            clock=utc_now, max_message_bytes=config.max_message_bytes)
         self.ready = False
         self.batches: list[int] = []  # sizes of the last batches, for tests and the bench
         self.applied = 0

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from stampflow.cli.common import UsageError, _text, endpoints_for, out, run, settings
 from stampflow.errors import StampflowError
+from stampflow.nodes.deadletter import dlq_topic
 from stampflow.settings import Settings
 
 dlq_app = typer.Typer(help="Dead-letter topics: inspect and re-drive poison messages.",
@@ -62,8 +63,8 @@ def dlq_replay(
         found = {f"{d.dlq_partition}:{d.dlq_offset}" for d in letters}
         if wanted - found:
             raise StampflowError(f"{', '.join(sorted(wanted - found))}: no such dead letter in "
-                                 f"{source}.dlq")
-    done = run(replay(endpoints.bootstrap_servers, endpoints.database_url, f"{source}.dlq",
+                                 f"{dlq_topic(source)}")
+    done = run(replay(endpoints.bootstrap_servers, endpoints.database_url, dlq_topic(source),
                       letters, target, force=force))
     for skipped in done.skipped:
         d = skipped.letter
