@@ -1,5 +1,6 @@
 """What both runners do with their consumer besides fetching: commit offsets, bounded in time
-and abandoned on stop, and report the lag behind each partition's end.
+and abandoned on stop, report the lag behind each partition's end, and keep the broker-side
+fetch wait long enough for the broker to read (:class:`FetchWait`).
 
 A commit that fails is never fatal. The work is durable (the orchestrator's events are
 acknowledged, the reducer's batch is committed in PostgreSQL), so records whose commit was
@@ -9,7 +10,8 @@ lost are re-delivered and, their ids being deterministic, counted once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sized
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -19,6 +21,9 @@ from stampflow.nodes.metrics import CONSUMER_LAG
 from stampflow.nodes.resilience import Stopping, unless_stopped
 
 log = structlog.get_logger("stampflow.consuming")
+
+# The fetch wait's ceiling: past it a fetch that still brings nothing is not the wait's fault.
+FETCH_WAIT_CEILING_MS = 2000
 
 COMMIT_TIMEOUT_S = 10.0
 
@@ -58,3 +63,88 @@ def report_lag(consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
         high = consumer.highwater(tp)
         if high is not None:
             CONSUMER_LAG.labels(group_id, tp.topic, str(tp.partition)).set(max(0, high - offset))
+
+
+class FetchWaitPolicy:
+    """Pure: the broker-side fetch wait (``fetch_max_wait_ms``) to use after a poll.
+
+    The embedded broker (Tansu) holds every fetch for the whole wait, data or not, and answers
+    with what it has read by then; its memory storage reads slower as a partition grows, so a
+    wait tuned for latency on a small partition (50 ms) returns next to nothing once the
+    partition holds a few hundred thousand records: the consumer is behind, its fetches come
+    back empty, and the node stalls while looking healthy (the 1,000,000-request soak did, at
+    about 550,000 requests). So: when nothing has arrived for two whole waits while a
+    partition has records past the position, the wait doubles (up to the ceiling); a run of
+    polls that bring records lets it back down by a tenth towards the floor. On Kafka, which
+    answers as soon as it has data, a consumer that is behind is never starved, and the wait
+    stays at the floor."""
+
+    def __init__(self, floor_ms: int, ceiling_ms: int = FETCH_WAIT_CEILING_MS,
+                 settle_after: int = 20, now: float = 0.0) -> None:
+        self.floor_ms = max(1, floor_ms)
+        self.ceiling_ms = max(self.floor_ms, ceiling_ms)
+        self.settle_after = settle_after
+        self.ms = self.floor_ms
+        self._full = 0
+        self._since = now  # when records last came (or the wait last changed)
+
+    def after_poll(self, records: int, behind: bool, now: float) -> int:
+        if records:
+            self._since = now
+            self._full += 1
+            if self._full >= self.settle_after and self.ms > self.floor_ms:
+                self.ms = max(self.floor_ms, self.ms - max(1, self.ms // 10))
+                self._full = 0
+        else:
+            self._full = 0
+            if not behind:
+                self._since = now  # idle, not starved
+            elif now - self._since >= 2 * self.ms / 1000.0 and self.ms < self.ceiling_ms:
+                self.ms = min(self.ceiling_ms, self.ms * 2)
+                self._since = now
+        return self.ms
+
+
+class FetchWait:
+    """:class:`FetchWaitPolicy` applied to a started aiokafka consumer after each poll."""
+
+    def __init__(self, consumer: AIOKafkaConsumer,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.consumer = consumer
+        self.clock = clock
+        fetcher = getattr(consumer, "_fetcher", None)
+        floor = int(getattr(fetcher, "_fetch_max_wait_ms", 500))
+        self.policy = FetchWaitPolicy(floor, now=clock())
+
+    async def after_poll(self, fetched: Mapping[TopicPartition, Sized]) -> None:
+        records = sum(len(batch) for batch in fetched.values())
+        behind = records == 0 and await self._behind()
+        before = self.policy.ms
+        after = self.policy.after_poll(records, behind, self.clock())
+        if after != before:
+            _set_fetch_wait(self.consumer, after)
+            if after > before:
+                log.info("polls come back empty while records wait; lengthening the "
+                         "broker's fetch wait", fetch_max_wait_ms=after, throttle=True)
+
+    async def _behind(self) -> bool:
+        """Whether an assigned, unpaused partition has records past the position (as far as
+        the last fetch response said)."""
+        try:
+            paused = self.consumer.paused()
+            for tp in self.consumer.assignment():
+                high = self.consumer.highwater(tp)
+                if high is not None and tp not in paused and \
+                        high > await self.consumer.position(tp):
+                    return True
+        except (KafkaError, AssertionError, ValueError):  # a rebalance under way: not now
+            return False
+        return False
+
+
+def _set_fetch_wait(consumer: AIOKafkaConsumer, ms: int) -> None:
+    # aiokafka reads its fetcher's wait each time it builds a FetchRequest; there is no public
+    # setter. Without the attribute (another aiokafka) the wait simply stays as configured.
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+        fetcher._fetch_max_wait_ms = ms

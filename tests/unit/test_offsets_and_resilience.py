@@ -258,3 +258,33 @@ async def test_unless_stopped_abandons_a_hanging_call_and_creates_nothing_once_s
     assert made == [1]
     with pytest.raises(TimeoutError):
         await unless_stopped(asyncio.Event(), hang, timeout=0.05)
+
+
+# --- the broker-side fetch wait (nodes.consuming.FetchWaitPolicy) -----------------------------
+
+
+def test_fetch_wait_doubles_only_when_starved_for_two_whole_waits() -> None:
+    from stampflow.nodes.consuming import FetchWaitPolicy
+
+    p = FetchWaitPolicy(50, ceiling_ms=2000, now=0.0)
+    assert p.after_poll(0, behind=True, now=0.05) == 50  # one poll timed out: not yet
+    assert p.after_poll(0, behind=True, now=0.10) == 100  # two whole waits without records
+    assert p.after_poll(0, behind=True, now=0.15) == 100  # the new wait gets its own chance
+    assert p.after_poll(0, behind=True, now=0.31) == 200
+    t = 0.31
+    for _ in range(20):
+        t += 10.0
+        p.after_poll(0, behind=True, now=t)
+    assert p.ms == 2000  # never past the ceiling
+
+
+def test_fetch_wait_stays_put_when_idle_and_settles_back_when_records_flow() -> None:
+    from stampflow.nodes.consuming import FetchWaitPolicy
+
+    p = FetchWaitPolicy(50, now=0.0)
+    for t in range(100):  # nothing waiting: idle, not starved
+        assert p.after_poll(0, behind=False, now=float(t)) == 50
+    p.ms = 800
+    for t in range(2000):
+        p.after_poll(10, behind=False, now=100.0 + t)
+    assert p.ms == 50  # back down to the floor, a tenth at a time

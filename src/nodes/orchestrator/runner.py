@@ -35,7 +35,7 @@ from stampflow.contracts.events import (
     utc_now,
 )
 from stampflow.contracts.nodes import NodeContract
-from stampflow.nodes.consuming import commit_offsets
+from stampflow.nodes.consuming import FetchWait, commit_offsets
 from stampflow.nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES
 from stampflow.nodes.fsm import Workflow
 from stampflow.nodes.metrics import (
@@ -139,6 +139,7 @@ class Orchestrator:
         consumer = self._consumer_factory(_Rebalance(self))
         self._consumer = consumer
         await consumer.start()
+        fetch_wait = FetchWait(consumer)
         self.ready = True
         log.info("orchestrator started", topic=self.config.requests_topic,
                  max_in_flight=self.config.max_in_flight)
@@ -153,6 +154,7 @@ class Orchestrator:
                     await sleep_unless(stop, 0.05)
                 else:
                     batch = await consumer.getmany(timeout_ms=100, max_records=free)
+                    await fetch_wait.after_poll(batch)
                     for tp, records in batch.items():
                         for record in records:
                             self._spawn(tp, record)

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from stampflow.contracts.events import Envelope, decode, utc_now
 from stampflow.contracts.nodes import NodeContract
 from stampflow.nodes import pgerrors
-from stampflow.nodes.consuming import commit_offsets
+from stampflow.nodes.consuming import FetchWait, commit_offsets
 from stampflow.nodes.deadletter import DEFAULT_MAX_MESSAGE_BYTES, one_line
 from stampflow.nodes.metrics import (
     REDUCER_BATCH,
@@ -85,6 +85,7 @@ class Reducer:
             publisher, node=contract.name, retry=contract.io_policy.retry, stop=self._stop,
             clock=utc_now, max_message_bytes=config.max_message_bytes)
         self.ready = False
+        self._fetch_wait: FetchWait | None = None
         self.batches: list[int] = []  # sizes of the last batches, for tests and the bench
         self.applied = 0
         self.duplicates = 0
@@ -93,6 +94,7 @@ class Reducer:
     async def run(self, stop: asyncio.Event) -> None:
         self._stop = self._dead_letters.stop = stop
         await self.consumer.start()
+        self._fetch_wait = FetchWait(self.consumer)
         self.ready = True
         log.info("reducer started", topic=self.config.events_topic)
         try:
@@ -122,6 +124,8 @@ class Reducer:
                     break
             fetched = await self.consumer.getmany(timeout_ms=timeout_ms,
                                                   max_records=limit - len(records))
+            if self._fetch_wait is not None:
+                await self._fetch_wait.after_poll(fetched)
             for batch in fetched.values():
                 records.extend(batch)
             if records and deadline is None:
