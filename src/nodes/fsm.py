@@ -18,7 +18,7 @@ model for each ``fire``, so the library never sees, let alone mutates, a caller'
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -175,7 +175,9 @@ class WorkflowMachine:
         if not moved:
             return Blocked(workflow, self.spec.name, trigger)
         seq = workflow.seq + 1
-        after = replace(workflow, state=scratch.state, seq=seq)
+        # Built directly: dataclasses.replace() inspects the fields on every call.
+        after = Workflow(workflow.workflow_id, workflow.kind, scratch.state, seq,
+                         context=workflow.context)
         return Taken(after, Transition(seq, workflow.state, after.state, trigger))
 
     def is_terminal(self, state: str) -> bool:
