@@ -460,7 +460,9 @@ async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, brok
         stalled = await _wait_terminal(endpoints.database_url, len(plan.workflows),
                                        cfg.drain_timeout_s, logs, nodes, cfg.stall_timeout_s,
                                        (endpoints.bootstrap_servers,
-                                        settings.consumer_group_prefix))
+                                        settings.consumer_group_prefix,
+                                        {"orchestrator": settings.requests_topic,
+                                         "reducer": settings.events_topic}))
         if stalled:
             report.failures.append(stalled)
         report.drain_s = time.monotonic() - drain_start
@@ -630,7 +632,7 @@ async def _inject_faults(cfg: Config, rng: random.Random, nodes: Nodes, postgres
 
 async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path,
                          nodes: Nodes | None = None, stall_s: float | None = None,
-                         evidence: tuple[str, str] | None = None) -> str:
+                         evidence: tuple[str, str, dict[str, str]] | None = None) -> str:
     """Wait until ``expected`` workflows are terminal. Returns "" then, or why it stopped
     waiting early: no progress for ``stall_s`` (lost work never finishes), or a node process
     gone by itself (nothing would finish its work). Raises after ``timeout``."""
@@ -666,31 +668,30 @@ async def _wait_terminal(url: str, expected: int, timeout: float, logs: Path,
         await asyncio.sleep(0.5)
 
 
-async def _stall_evidence(bootstrap: str, group_prefix: str, nodes: Nodes | None) -> str:
-    """What a stalled drain looks like from outside: each group's state, members and committed
-    offsets (twice, 10 s apart: do they move?), and the last lines of every running node."""
-    from aiokafka.admin import AIOKafkaAdminClient
+async def _stall_evidence(bootstrap: str, group_prefix: str, topics: dict[str, str],
+                          nodes: Nodes | None) -> str:
+    """What a stalled drain looks like from outside: each group's committed offsets (twice,
+    10 s apart: do they move?) and the last lines of every running node. Read through a
+    consumer's ``committed()``: Tansu's answer to the admin client's OffsetFetch is garbled."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     out: list[str] = []
-    groups = [f"{group_prefix}-{n}" for n in ("orchestrator", "reducer")]
     for attempt in (1, 2):
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                    request_timeout_ms=10_000)
-        try:
-            await admin.start()
-            for group in groups:
-                described = await admin.describe_consumer_groups([group])
-                states = [(g[1], g[2], len(g[5])) for r in described for g in r.groups]
-                offsets = await admin.list_consumer_group_offsets(group)
-                committed = {f"{tp.topic}[{tp.partition}]": o.offset
-                             for tp, o in sorted(offsets.items())}
-                out.append(f"{group} (look {attempt}): (id, state, members) {states}; "
-                           f"committed {committed}")
-        except Exception as err:  # noqa: BLE001 - evidence, not the verdict
-            out.append(f"groups (look {attempt}): {err!r}")
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
+        for node, topic in topics.items():
+            group = f"{group_prefix}-{node}"
+            consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                        enable_auto_commit=False)
+            try:
+                await consumer.start()
+                parts = sorted(consumer.partitions_for_topic(topic) or ())
+                committed = {p: await consumer.committed(TopicPartition(topic, p))
+                             for p in parts}
+                out.append(f"{group} (look {attempt}): committed {committed}")
+            except Exception as err:  # noqa: BLE001 - evidence, not the verdict
+                out.append(f"{group} (look {attempt}): {err!r}")
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
         if attempt == 1:
             await asyncio.sleep(10)
     for node, procs in (nodes.running.items() if nodes else ()):
