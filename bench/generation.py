@@ -39,9 +39,9 @@ from stampflow.client import Client
 from stampflow.contracts.events import GenerationRequested, decode
 from stampflow.contracts.nodes import BatchingPolicy, IoPolicy, builtin_contract, load_contracts
 from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry, make_tiny_flux
+from stampflow.inference.effect import JobOwner
 from stampflow.inference.engine import InferenceEngine
 from stampflow.inference.jobs import GenerationJob
-from stampflow.nodes.fsm import Workflow, WorkflowContext
 from stampflow.nodes.orchestrator.core import GenerationSucceeded
 from stampflow.nodes.stamping import StampingNode
 from stampflow.observability import configure_logging
@@ -111,9 +111,8 @@ def request(i: int, steps: int = STEPS) -> GenerationRequested:
 
 
 async def one(node: InferenceEffectNode, i: int, steps: int = STEPS) -> None:
-    wf = Workflow(uuid.uuid4(), "generation", "generating", context=WorkflowContext(
-        namespace="bench", request_id=uuid.uuid4(), started_at=datetime.now(UTC)))
-    outcome = await node.generate(request(i, steps), seed=i, workflow=wf)
+    outcome = await node.generate(request(i, steps), seed=i,
+                                  owner=JobOwner(uuid.uuid4(), "bench"))
     if not isinstance(outcome, GenerationSucceeded):
         raise RuntimeError(f"generation failed: {outcome}")
 
@@ -151,8 +150,9 @@ async def bench_e2e(admin: Endpoints, work: Path, model_dir: Path, n: int, warmu
     contracts["inference"] = inf.model_copy(update={"io_policy": inf.io_policy.model_copy(
         update={"batching": BatchingPolicy(max_batch_size=8, max_batch_wait_ms=wait_ms)})})
     stop, started, running = asyncio.Event(), asyncio.Event(), RunningNodes()
-    task = asyncio.create_task(run_nodes(s, endpoints, ["orchestrator", "reducer"], stop,
-                                         contracts=contracts, started=started, running=running))
+    task = asyncio.create_task(run_nodes(s, endpoints, ["orchestrator", "reducer", "inference"],
+                                         stop, contracts=contracts, started=started,
+                                         running=running))
     await asyncio.wait_for(started.wait(), 60)
     deadline = time.monotonic() + 60
     while not running.ready() and time.monotonic() < deadline:

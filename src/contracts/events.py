@@ -1,7 +1,8 @@
 """Event contracts: one envelope, a payload union discriminated by ``type``.
 
 Every message on a stampflow topic is an :class:`Envelope` serialised as JSON. The Kafka key
-is the envelope's namespace, so one namespace keeps its order inside one partition.
+is the workflow id (the request's own id for a request), so one namespace spreads over every
+partition while each workflow's events keep their order inside one (:meth:`Envelope.key`).
 """
 
 from __future__ import annotations
@@ -220,6 +221,50 @@ class WorkflowFailed(Frozen):
     reason: Text = Field(max_length=2000)
 
 
+# --- between the orchestrator and the inference node ----------------------------------------
+
+
+class InferenceJob(Frozen):
+    """One generation for the inference node, on the inference-jobs topic.
+
+    The orchestrator publishes it once the workflow has entered ``state``, the FSM state that
+    waits for an ``inference.result`` (the contract's ``waits``). It carries what the
+    orchestrator needs back to resume the workflow, so any orchestrator can take the result:
+    the workflow's id, its ``state`` and ``seq`` at dispatch, and when it started. The
+    envelope's ``correlation_id`` is the request's id, its namespace the workflow's."""
+
+    type: Literal["inference.job"] = "inference.job"
+    workflow_id: UUID
+    state: Text = Field(min_length=1, max_length=200)
+    seq: int = Field(ge=1, le=INT4_MAX)
+    started_at: AwareDatetime
+    seed: int = Field(ge=0, lt=2**63)
+    request: GenerationRequested
+
+
+class InferenceResult(Frozen):
+    """What the inference node did with one job, on the inference-results topic: exactly one
+    of ``completed`` (the image, stored and stamped) or ``error_code`` with ``reason``. The
+    job's ``workflow_id``, ``state``, ``seq`` and ``started_at`` come back unchanged."""
+
+    type: Literal["inference.result"] = "inference.result"
+    workflow_id: UUID
+    state: Text = Field(min_length=1, max_length=200)
+    seq: int = Field(ge=1, le=INT4_MAX)
+    started_at: AwareDatetime
+    completed: GenerationCompleted | None = None
+    error_code: Text | None = Field(default=None, min_length=1, max_length=200)
+    reason: Text | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _one_outcome(self) -> InferenceResult:
+        if (self.completed is None) == (self.error_code is None):
+            raise ValueError("give exactly one of 'completed' or 'error_code'")
+        if self.completed is not None and self.completed.workflow_id != self.workflow_id:
+            raise ValueError("completed.workflow_id is not the job's workflow_id")
+        return self
+
+
 Payload: TypeAlias = Annotated[
     StampRequested
     | GenerationRequested
@@ -227,7 +272,9 @@ Payload: TypeAlias = Annotated[
     | StampCreated
     | GenerationCompleted
     | WorkflowCompleted
-    | WorkflowFailed,
+    | WorkflowFailed
+    | InferenceJob
+    | InferenceResult,
     Field(discriminator="type"),
 ]
 
@@ -239,6 +286,8 @@ PAYLOAD_MODELS: tuple[type[Frozen], ...] = (
     GenerationCompleted,
     WorkflowCompleted,
     WorkflowFailed,
+    InferenceJob,
+    InferenceResult,
 )
 EVENT_TYPES: dict[str, type[Frozen]] = {
     model.model_fields["type"].default: model for model in PAYLOAD_MODELS
@@ -246,7 +295,8 @@ EVENT_TYPES: dict[str, type[Frozen]] = {
 MODELS_BY_NAME: dict[str, type[Frozen]] = {model.__name__: model for model in PAYLOAD_MODELS}
 
 REQUEST_TYPES = frozenset({"stamp.requested", "generation.requested"})
-RESULT_TYPES = frozenset(EVENT_TYPES) - REQUEST_TYPES
+INFERENCE_TYPES = frozenset({"inference.job", "inference.result"})
+RESULT_TYPES = frozenset(EVENT_TYPES) - REQUEST_TYPES - INFERENCE_TYPES
 
 
 def _envelope_schema(schema: dict[str, Any]) -> None:
@@ -286,8 +336,11 @@ class Envelope(Frozen):
         return self
 
     def key(self) -> bytes:
-        """The Kafka key: the namespace, so each namespace keeps its order."""
-        return self.namespace.encode()
+        """The Kafka key: the workflow's id, or for a request (which has no workflow yet) its
+        own event id. A namespace's traffic spreads over every partition; one workflow's
+        events, its inference job and its result each stay in one partition, in order."""
+        workflow_id = getattr(self.payload, "workflow_id", None)
+        return str(workflow_id if workflow_id is not None else self.event_id).encode()
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()

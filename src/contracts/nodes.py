@@ -19,7 +19,9 @@ from stampflow.contracts.events import EVENT_TYPES, MODELS_BY_NAME, Frozen
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
 SemVer = Annotated[str, StringConstraints(pattern=r"^\d+\.\d+\.\d+$")]
-LogicalTopic = Literal["requests", "events"]
+# requests and events: the public topics; inference-jobs and inference-results: between the
+# orchestrator and the inference node.
+LogicalTopic = Literal["requests", "events", "inference-jobs", "inference-results"]
 
 
 class NodeKind(StrEnum):
@@ -56,6 +58,10 @@ class FsmSpec(Frozen):
     initial: Identifier
     terminal: tuple[Identifier, ...] = Field(min_length=1)
     transitions: tuple[TransitionSpec, ...] = Field(min_length=1)
+    # States in which a workflow waits for an event from another node (state -> event type):
+    # the orchestrator hands the work over, commits the request, and resumes the workflow
+    # when that event arrives, in whichever orchestrator receives it.
+    waits: dict[Identifier, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> FsmSpec:
@@ -91,6 +97,11 @@ class FsmSpec(Frozen):
         unreachable = states - reachable
         if unreachable:
             raise ValueError(f"states {sorted(unreachable)} cannot be reached from the initial")
+        for state, event in self.waits.items():
+            if state not in states or state in self.terminal:
+                raise ValueError(f"waits: {state!r} is not a non-terminal state")
+            if event not in EVENT_TYPES:
+                raise ValueError(f"waits: {state!r} waits for unknown event type {event!r}")
         return self
 
     def allows(self, from_state: str | None, trigger: str, to_state: str) -> bool:

@@ -1,4 +1,7 @@
-"""The inference effect node: the orchestrator's ``InferenceEffect``.
+"""The inference effect node's work: one generation job in, an outcome out.
+
+:class:`stampflow.inference.worker.InferenceWorker` feeds it the jobs its consumer holds (of
+any namespace) and publishes the outcomes as ``inference.result`` events.
 
 Requests are collected by an asyncio dynamic batcher (up to ``batching.max_batch_size``
 compatible requests, waiting at most ``batching.max_batch_wait_ms``) and run by the
@@ -21,9 +24,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from stampflow.contracts.events import GenerationCompleted, GenerationRequested, utc_now
 from stampflow.contracts.nodes import IoPolicy
@@ -39,7 +43,6 @@ from stampflow.inference.jobs import (
     validate_size,
 )
 from stampflow.inference.registry import ModelRegistry
-from stampflow.nodes.fsm import Workflow
 from stampflow.nodes.orchestrator.core import (
     EffectFailed,
     GenerationBudget,
@@ -50,6 +53,15 @@ from stampflow.nodes.resilience import CircuitBreaker, CircuitOpen, retry
 from stampflow.nodes.stamping import StampError, StampingNode
 
 SIZE_MULTIPLE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class JobOwner:
+    """Whose generation this is: the workflow and its namespace."""
+
+    workflow_id: UUID
+    namespace: str
+
 _Pending = tuple[GenerationJob, "asyncio.Future[ItemResult]"]
 
 
@@ -84,11 +96,10 @@ class InferenceEffectNode:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task[None] | None = None
 
-    # --- the InferenceEffect protocol ----------------------------------------------------------
+    # --- one job -------------------------------------------------------------------------------
 
-    async def generate(
-        self, request: GenerationRequested, seed: int, workflow: Workflow
-    ) -> Outcome:
+    async def generate(self, request: GenerationRequested, seed: int, owner: JobOwner,
+                       ) -> Outcome:
         try:
             validate_size(request.width, request.height, SIZE_MULTIPLE, self.max_pixels)
             refusal = self.budget.refusal(request)
@@ -103,16 +114,16 @@ class InferenceEffectNode:
             height=request.height, num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale, true_cfg_scale=request.true_cfg_scale,
             negative_prompt=request.negative_prompt, deadline=time.monotonic() + timeout_s,
-            key_id=str(workflow.workflow_id),
+            key_id=str(owner.workflow_id),
         )
         try:
             async with asyncio.timeout(timeout_s):
                 image = await retry(lambda: self._submit(job), policy=self.io_policy.retry,
                                     breaker=self.breaker, transient=(TransientInferenceError,))
                 completed = await asyncio.to_thread(self._store_and_stamp, image, request,
-                                                    workflow)
+                                                    owner)
         except TimeoutError:
-            return EffectFailed("timeout", f"generation for workflow {workflow.workflow_id} "
+            return EffectFailed("timeout", f"generation for workflow {owner.workflow_id} "
                                 f"took longer than {timeout_s:g}s", self.clock())
         except CircuitOpen as err:
             return EffectFailed("circuit_open", str(err), self.clock())
@@ -186,19 +197,19 @@ class InferenceEffectNode:
     # --- after inference -----------------------------------------------------------------------
 
     def _store_and_stamp(
-        self, image: GeneratedImage, request: GenerationRequested, workflow: Workflow
+        self, image: GeneratedImage, request: GenerationRequested, owner: JobOwner
     ) -> GenerationCompleted:
         t0 = time.perf_counter()
         stored = self.artifacts.put(image.png, ".png")
         t1 = time.perf_counter()
-        namespace = workflow.context.namespace or self.default_namespace
+        namespace = owner.namespace or self.default_namespace
         stamp = self.stamping.stamp_bytes(image.png, namespace=namespace,
                                           content_type="image/png")
         t2 = time.perf_counter()
         timings: dict[str, float] = {**image.timings_ms, "store": (t1 - t0) * 1000.0,
                                      "stamp": (t2 - t1) * 1000.0}
         return GenerationCompleted(
-            workflow_id=workflow.workflow_id, artifact_uri=stored.uri, hash=stamp.hash,
+            workflow_id=owner.workflow_id, artifact_uri=stored.uri, hash=stamp.hash,
             size=stamp.size, seed=image.seed, width=image.width, height=image.height,
             num_inference_steps=request.num_inference_steps, model=request.model,
             device=image.device, prompt_tokens=image.prompt_tokens,

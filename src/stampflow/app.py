@@ -9,7 +9,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 import structlog
@@ -20,7 +20,6 @@ from aiokafka.errors import KafkaError
 from stampflow.bus import KafkaPublisher, ensure_topics, make_consumer, started_producer
 from stampflow.contracts.nodes import IoPolicy, NodeContract, RetryPolicy, load_contracts
 from stampflow.errors import ServiceUnavailable
-from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry
 from stampflow.migrate import migrate
 from stampflow.nodes import pgerrors
 from stampflow.nodes.orchestrator.core import Limits, OrchestratorCore
@@ -33,9 +32,15 @@ from stampflow.observability import HealthServer, redact
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
+if TYPE_CHECKING:  # the inference node imports torch and diffusers when it runs, and only then
+    from stampflow.inference.effect import InferenceEffectNode
+    from stampflow.inference.worker import InferenceWorker
+
 log = structlog.get_logger("stampflow.app")
 
-NODE_NAMES = ("orchestrator", "reducer")
+# `stampflow run <node>` for each; `stampflow up` and the demo run all three in one process
+# (the same code path: the inference node still takes its jobs from the broker).
+NODE_NAMES = ("orchestrator", "reducer", "inference")
 T = TypeVar("T")
 
 
@@ -43,18 +48,19 @@ T = TypeVar("T")
 class RunningNodes:
     orchestrators: list[Orchestrator] = field(default_factory=list)
     reducers: list[Reducer] = field(default_factory=list)
+    workers: list[InferenceWorker] = field(default_factory=list)
     health: HealthServer | None = None
 
     def ready(self) -> bool:
-        nodes: Iterable[Orchestrator | Reducer] = [*self.orchestrators, *self.reducers]
-        return all(node.ready for node in nodes) and bool(self.orchestrators or self.reducers)
+        nodes: Iterable[Orchestrator | Reducer | InferenceWorker] = [
+            *self.orchestrators, *self.reducers, *self.workers]
+        return all(node.ready for node in nodes) and bool(
+            self.orchestrators or self.reducers or self.workers)
 
 
 async def prepare(settings: Settings, endpoints: Endpoints) -> None:
     """Topics and schema: idempotent, safe for several nodes starting together."""
-    topics = [settings.requests_topic, settings.events_topic]
-    topics += [settings.dlq_topic(t) for t in topics]
-    await ensure_topics(endpoints.bootstrap_servers, topics, settings.topic_partitions)
+    await ensure_topics(endpoints.bootstrap_servers, settings.topics, settings.topic_partitions)
     await migrate(endpoints.database_url, lock_timeout=settings.migrate_lock_timeout)
 
 
@@ -146,13 +152,16 @@ async def run_nodes(
         publisher = KafkaPublisher(producer, start_producer)
         stack.push_async_callback(publisher.close)
         tasks: list[asyncio.Task[None]] = []
-        if "orchestrator" in nodes:
+        if "inference" in nodes:
             inference = build_inference(settings, contracts)
-            # Work in progress stops between denoising steps once its request is cancelled.
+            # Work in progress stops between denoising steps once its job is cancelled.
             stack.push_async_callback(bounded, inference.aclose(), "inference close", 5.0,
                                       log.warning)
-            orchestrator = build_orchestrator(settings, endpoints, contracts, publisher,
-                                              inference)
+            worker = build_worker(settings, endpoints, contracts, publisher, inference)
+            running.workers.append(worker)
+            tasks.append(asyncio.create_task(worker.run(stop), name="inference"))
+        if "orchestrator" in nodes:
+            orchestrator = build_orchestrator(settings, endpoints, contracts, publisher)
             running.orchestrators.append(orchestrator)
             tasks.append(asyncio.create_task(orchestrator.run(stop), name="orchestrator"))
         if "reducer" in nodes:
@@ -198,7 +207,9 @@ def stamping_node(settings: Settings, contracts: dict[str, NodeContract]) -> Sta
 
 
 def build_inference(settings: Settings, contracts: dict[str, NodeContract]) -> InferenceEffectNode:
-    """The inference effect node, in-process. torch and the model load on first use."""
+    """The inference effect node's engine. torch and the model load on first use."""
+    from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry
+
     policy = contracts["inference"].io_policy
     updates: dict[str, object] = {}
     if settings.inference_device is not None:
@@ -215,9 +226,37 @@ def build_inference(settings: Settings, contracts: dict[str, NodeContract]) -> I
     )
 
 
+def build_worker(
+    settings: Settings, endpoints: Endpoints, contracts: dict[str, NodeContract],
+    publisher: KafkaPublisher, inference: InferenceEffectNode,
+) -> InferenceWorker:
+    """An inference worker: one member of the consumer group of the inference-jobs topic."""
+    from stampflow.inference.worker import InferenceWorker, WorkerConfig
+
+    group = f"{settings.consumer_group_prefix}-inference"
+
+    def consumer_factory(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
+        # Generation is slow: a worker holding a full batch must not be thought dead.
+        consumer = make_consumer(endpoints.bootstrap_servers, [], group,
+                                 max_poll_interval_ms=600_000)
+        consumer.subscribe([settings.jobs_topic], listener=listener)
+        return consumer
+
+    return InferenceWorker(
+        contract=contracts["inference"],
+        config=WorkerConfig(jobs_topic=settings.jobs_topic,
+                            results_topic=settings.results_topic,
+                            max_in_flight=settings.inference_max_in_flight, group_id=group,
+                            max_message_bytes=settings.max_message_bytes),
+        consumer_factory=consumer_factory,
+        publisher=publisher,
+        node=inference,
+    )
+
+
 def build_orchestrator(
     settings: Settings, endpoints: Endpoints, contracts: dict[str, NodeContract],
-    publisher: KafkaPublisher, inference: InferenceEffectNode | None = None,
+    publisher: KafkaPublisher,
 ) -> Orchestrator:
     contract = contracts["orchestrator"]
     stamping = stamping_node(settings, contracts)
@@ -226,7 +265,8 @@ def build_orchestrator(
 
     def consumer_factory(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
         consumer = make_consumer(endpoints.bootstrap_servers, [], group)
-        consumer.subscribe([settings.requests_topic], listener=listener)
+        consumer.subscribe([settings.requests_topic, settings.results_topic],
+                           listener=listener)
         return consumer
 
     return Orchestrator(
@@ -234,6 +274,7 @@ def build_orchestrator(
         core=core,
         config=OrchestratorConfig(
             requests_topic=settings.requests_topic, events_topic=settings.events_topic,
+            jobs_topic=settings.jobs_topic, results_topic=settings.results_topic,
             max_in_flight=settings.max_in_flight, group_id=group,
             # Inline content at its limit, in base64, plus the envelope: anything larger is
             # not a request this node would accept, so it is not parsed at all.
@@ -243,7 +284,6 @@ def build_orchestrator(
         consumer_factory=consumer_factory,
         publisher=publisher,
         stamping=stamping,
-        inference=inference,
     )
 
 

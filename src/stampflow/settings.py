@@ -49,6 +49,8 @@ class Settings(BaseSettings):
 
     # Orchestrator
     max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    # Inference node: generation jobs one worker holds at once (its batcher draws on them all)
+    inference_max_in_flight: int = Field(default=32, ge=1, le=10_000)
     # The broker's limit on one record (Kafka's producer default). Producers are held to it,
     # and a dead letter of a record near it keeps a bounded copy of the original bytes.
     max_message_bytes: int = Field(default=1024 * 1024, ge=64 * 1024, le=1024**3)
@@ -87,6 +89,22 @@ class Settings(BaseSettings):
     @property
     def events_topic(self) -> str:
         return f"{self.topic_prefix}.events.v1"
+
+    @property
+    def jobs_topic(self) -> str:
+        """Generation jobs, from the orchestrators to the inference workers."""
+        return self.topic("inference-jobs")
+
+    @property
+    def results_topic(self) -> str:
+        """The inference workers' results, back to the orchestrators."""
+        return self.topic("inference-results")
+
+    @property
+    def topics(self) -> list[str]:
+        """Every topic stampflow uses, dead-letter topics included."""
+        main = [self.requests_topic, self.events_topic, self.jobs_topic, self.results_topic]
+        return main + [dlq_topic(t) for t in main]
 
     def topic(self, logical: str) -> str:
         """The real topic name for a contract's logical topic name (``requests``, ``events``)."""

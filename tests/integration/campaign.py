@@ -135,7 +135,7 @@ class Config:
     requests: int = 10_000
     seed: int = 7
     namespaces: int = 8
-    kills: int = 10  # SIGKILLs of orchestrators and reducers, at random moments
+    kills: int = 10  # SIGKILLs of orchestrators, reducers and inference nodes, at random moments
     freeze_s: float = 10.0  # the broker SIGSTOPped this long
     freezes: int = 1
     postgres_restarts: int = 1
@@ -330,7 +330,8 @@ class Nodes:
 
     def __init__(self, settings: Any, logs: Path, env: dict[str, str]) -> None:
         self.settings, self.logs, self.env = settings, logs, env
-        self.running: dict[str, list[NodeProcess]] = {"orchestrator": [], "reducer": []}
+        self.running: dict[str, list[NodeProcess]] = {
+            "orchestrator": [], "reducer": [], "inference": []}
         self.started = Counter[str]()
 
     def start(self, node: str) -> NodeProcess:
@@ -429,7 +430,7 @@ async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, brok
         models = {"tiny": str(tiny_model)}
         env["STAMPFLOW_MODELS"] = json.dumps(models)
         env["STAMPFLOW_ARTIFACT_ROOT"] = str(workdir / "artifacts")
-        # A restarted orchestrator loads torch and the model on its first generation; on two
+        # A restarted inference node loads torch and the model on its first job; on two
         # busy cores that can pass the contract's 30 s, and a timeout is not what is tested.
         env["STAMPFLOW_CONTRACTS_DIR"] = str(_contracts_with_inference_timeout(workdir, 180_000))
         overrides.update(models=models, artifact_root=workdir / "artifacts")
@@ -440,6 +441,7 @@ async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, brok
     nodes = Nodes(settings, logs, env)
     nodes.start("orchestrator")
     nodes.start("reducer")
+    nodes.start("inference")
     rng = random.Random(cfg.seed + 1)
     t0 = time.monotonic()
     gate = _Gate()
@@ -462,7 +464,8 @@ async def run_campaign(cfg: Config, endpoints: Endpoints, postgres: Server, brok
                                        (endpoints.bootstrap_servers,
                                         settings.consumer_group_prefix,
                                         {"orchestrator": settings.requests_topic,
-                                         "reducer": settings.events_topic}))
+                                         "reducer": settings.events_topic,
+                                         "inference": settings.jobs_topic}))
         if stalled:
             report.failures.append(stalled)
         report.drain_s = time.monotonic() - drain_start
@@ -608,7 +611,7 @@ async def _inject_faults(cfg: Config, rng: random.Random, nodes: Nodes, postgres
         await asyncio.sleep(rng.uniform(0.3, gap_hi))
         at = time.monotonic() - t0
         if what == "kill -9":
-            node = rng.choice(["orchestrator", "reducer"])
+            node = rng.choice(["orchestrator", "reducer", "inference"])
             await asyncio.to_thread(nodes.kill, node, rng)
             what = f"kill -9 {node} ({len(nodes.running[node])} running)"
         elif what == "freeze broker":

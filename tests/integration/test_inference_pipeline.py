@@ -11,7 +11,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,10 @@ from stampflow.contracts.events import GenerationCompleted, GenerationRequested
 from stampflow.contracts.nodes import BatchingPolicy, IoPolicy, builtin_contract
 from stampflow.inference.artifacts import ArtifactStore
 from stampflow.inference.budget import estimate_footprint, read_model_shape
-from stampflow.inference.effect import InferenceEffectNode
+from stampflow.inference.effect import InferenceEffectNode, JobOwner
 from stampflow.inference.engine import InferenceEngine, decode_png
 from stampflow.inference.jobs import GeneratedImage, GenerationJob, ItemFailed
 from stampflow.inference.registry import ModelRegistry
-from stampflow.nodes.fsm import Workflow, WorkflowContext
 from stampflow.nodes.orchestrator.core import EffectFailed, GenerationSucceeded
 from stampflow.nodes.stamping import StampingNode
 from tests.unit.test_inference import TINY
@@ -118,9 +116,8 @@ def _node(tiny_dir: Path, tmp_path: Path, **policy: object) -> InferenceEffectNo
     )
 
 
-def _workflow() -> Workflow:
-    return Workflow(uuid.uuid4(), "generation", "generating", context=WorkflowContext(
-        namespace="test", request_id=uuid.uuid4(), started_at=datetime.now(UTC)))
+def _workflow() -> JobOwner:
+    return JobOwner(uuid.uuid4(), "test")
 
 
 def _request(prompt: str = "a red cat", **kw: object) -> GenerationRequested:
@@ -136,7 +133,7 @@ async def test_effect_batches_concurrent_requests(tiny_dir: Path, tmp_path: Path
     try:
         workflows = [_workflow() for _ in range(4)]
         outcomes = await asyncio.gather(*(
-            node.generate(_request(f"a cat {i}"), seed=i, workflow=w)
+            node.generate(_request(f"a cat {i}"), seed=i, owner=w)
             for i, w in enumerate(workflows)))
     finally:
         await node.aclose()
@@ -166,7 +163,7 @@ def _check_artifact(r: GenerationCompleted) -> None:
 async def test_effect_timeout(tiny_dir: Path, tmp_path: Path) -> None:
     node = _node(tiny_dir, tmp_path, timeout_ms=1)
     try:
-        outcome = await node.generate(_request(), seed=1, workflow=_workflow())
+        outcome = await node.generate(_request(), seed=1, owner=_workflow())
     finally:
         await node.aclose()
     assert isinstance(outcome, EffectFailed)
@@ -178,9 +175,9 @@ async def test_effect_missing_model_and_bad_size(tiny_dir: Path, tmp_path: Path)
     node = _node(tiny_dir, tmp_path)
     try:
         t0 = time.monotonic()
-        missing = await node.generate(_request(model="nope"), seed=1, workflow=_workflow())
+        missing = await node.generate(_request(model="nope"), seed=1, owner=_workflow())
         node.max_pixels = 32 * 32
-        too_big = await node.generate(_request(), seed=1, workflow=_workflow())
+        too_big = await node.generate(_request(), seed=1, owner=_workflow())
         assert time.monotonic() - t0 < 1.0  # refused before any model work
     finally:
         await node.aclose()
@@ -282,9 +279,9 @@ def test_the_shape_read_from_files_matches_the_loaded_model(tiny_dir: Path) -> N
 async def test_effect_refuses_a_folder_or_repo_id_as_model(tiny_dir: Path, tmp_path: Path) -> None:
     node = _node(tiny_dir, tmp_path)
     try:
-        by_path = await node.generate(_request(model=str(tiny_dir)), seed=1, workflow=_workflow())
+        by_path = await node.generate(_request(model=str(tiny_dir)), seed=1, owner=_workflow())
         by_repo = await node.generate(_request(model="someone/model"), seed=1,
-                                      workflow=_workflow())
+                                      owner=_workflow())
     finally:
         await node.aclose()
     for outcome in (by_path, by_repo):
@@ -300,7 +297,7 @@ async def test_effect_refuses_a_request_over_the_pixel_step_budget(
     node = _node(tiny_dir, tmp_path, max_pixel_steps=64 * 64 * 2)
     try:
         outcome = await node.generate(_request(num_inference_steps=3), seed=1,
-                                      workflow=_workflow())
+                                      owner=_workflow())
     finally:
         await node.aclose()
     assert isinstance(outcome, EffectFailed) and outcome.error_code == "over_budget"
@@ -314,7 +311,7 @@ async def test_a_request_that_can_never_fit_the_vram_budget_fails(
     node = _node(tiny_dir, tmp_path, vram_budget_mb=1)
     try:
         outcome = await node.generate(_request(width=256, height=256), seed=1,
-                                      workflow=_workflow())
+                                      owner=_workflow())
     finally:
         await node.aclose()
     assert isinstance(outcome, EffectFailed), outcome
@@ -339,7 +336,7 @@ async def test_the_vram_budget_splits_a_batch(tiny_dir: Path, tmp_path: Path) ->
     try:
         outcomes = await asyncio.gather(*(
             node.generate(_request(f"a cat {i}", width=256, height=256), seed=i,
-                          workflow=_workflow()) for i in range(3)))
+                          owner=_workflow()) for i in range(3)))
     finally:
         await node.aclose()
     assert all(isinstance(o, GenerationSucceeded) for o in outcomes), outcomes
@@ -379,10 +376,10 @@ async def test_a_timed_out_request_frees_the_worker(tiny_dir: Path, tmp_path: Pa
     steps = _count_steps(node.registry.load("tiny").pipeline)  # loaded before the clock runs
     try:
         slow = await node.generate(_request(width=512, height=512, num_inference_steps=100),
-                                   seed=1, workflow=_workflow())
+                                   seed=1, owner=_workflow())
         assert isinstance(slow, EffectFailed) and slow.error_code == "timeout"
         t0 = time.monotonic()
-        quick = await node.generate(_request(), seed=2, workflow=_workflow())
+        quick = await node.generate(_request(), seed=2, owner=_workflow())
         quick_s = time.monotonic() - t0
     finally:
         await node.aclose()

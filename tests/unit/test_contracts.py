@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
@@ -17,6 +18,7 @@ from stampflow.contracts.events import (
     Envelope,
     GenerationRequested,
     StampRequested,
+    WorkflowCompleted,
     decode,
     derive_id,
     derive_seed,
@@ -54,7 +56,14 @@ def test_envelope_round_trip() -> None:
     assert isinstance(env.payload, StampRequested)
     assert env.payload.content == b"hello"
     assert decode(env.to_bytes()) == env
-    assert env.key() == b"ns1"
+    # A request is keyed by its own id (a namespace spreads over every partition) ...
+    assert env.key() == str(env.event_id).encode()
+    # ... and every event of a workflow by the workflow's id (its events keep their order).
+    done = envelope_for(WorkflowCompleted(workflow_id=uuid.UUID(int=7), workflow_kind="stamp",
+                                          duration_ms=1.0),
+                        namespace="ns1", event_id=uuid.uuid4(), correlation_id=env.event_id,
+                        causation_id=None, source="t")
+    assert done.key() == str(uuid.UUID(int=7)).encode()
 
 
 def test_envelope_is_frozen_and_forbids_extra_fields() -> None:

@@ -192,7 +192,8 @@ def test_orchestrator_emits_only_what_its_contract_declares() -> None:
     _, rejects = c.reject("a", uuid4(), "stamp", "x", "y", T0)
     emitted |= {x.envelope.event_type for x in rejects if isinstance(x, Emit)}
     assert emitted <= declared
-    assert ORCH.consumed_events() == {"stamp.requested", "generation.requested"}
+    assert ORCH.consumed_events() == {"stamp.requested", "generation.requested",
+                                      "inference.result"}
 
 
 def test_orchestrator_fsm_is_the_contracts() -> None:
@@ -200,8 +201,20 @@ def test_orchestrator_fsm_is_the_contracts() -> None:
     assert {name: m.spec for name, m in c.machines.items()} == FSMS
 
 
+def _on(contract: object, direction: str, topic: str) -> set[str]:
+    return {e for b in getattr(contract, direction) if b.topic == topic for e in b.events}
+
+
 def test_reducer_consumes_what_the_orchestrator_produces() -> None:
-    assert REDUCER.consumed_events() == ORCH.produced_events()
+    assert REDUCER.consumed_events() == _on(ORCH, "produces", "events")
+
+
+def test_the_inference_node_and_the_orchestrator_agree_on_jobs_and_results() -> None:
+    inference = builtin_contract("inference")
+    assert _on(inference, "consumes", "inference-jobs") == _on(
+        ORCH, "produces", "inference-jobs") == {"inference.job"}
+    assert _on(ORCH, "consumes", "inference-results") == _on(
+        inference, "produces", "inference-results") == {"inference.result"}
 
 
 def test_generation_aggregates_count_each_item_s_share_of_a_batch() -> None:

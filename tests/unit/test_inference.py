@@ -40,7 +40,7 @@ from stampflow.inference.registry import (
 )
 from stampflow.inference.tiny import clip_vocab, t5_vocab
 from stampflow.nodes.orchestrator.core import (
-    CallInference,
+    DispatchInference,
     Emit,
     GenerationBudget,
     Limits,
@@ -327,7 +327,7 @@ def test_a_request_over_budget_fails_at_admission(
                                   num_inference_steps=steps)
     state, commands = _admit(payload, limits)
     assert state == "failed"
-    assert not any(isinstance(c, CallInference) for c in commands)
+    assert not any(isinstance(c, DispatchInference) for c in commands)
     failed = [c.envelope.payload for c in commands if isinstance(c, Emit)][-1]
     assert isinstance(failed, WorkflowFailed) and failed.error_code == "over_budget"
     assert "\n" not in failed.reason
@@ -341,7 +341,7 @@ def test_a_request_within_budget_is_admitted() -> None:
         payload = GenerationRequested(prompt="p", width=width, height=height,
                                       num_inference_steps=steps)
         state, commands = _admit(payload, limits)
-        assert state == "generating" and isinstance(commands[-1], CallInference)
+        assert state == "generating" and isinstance(commands[-1], DispatchInference)
     # without a budget (the default), nothing is refused
     big = GenerationRequested(prompt="p", width=2048, height=2048, num_inference_steps=100)
     assert _admit(big, Limits(max_content_bytes=1))[0] == "generating"

@@ -65,6 +65,21 @@ def admit(raw: bytes, max_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Admission:
     return Admitted(request)
 
 
+def admit_result(raw: bytes, max_bytes: int) -> Envelope | Unreadable:
+    """An inference node's result, or why it cannot be one. No workflow can be failed for an
+    unreadable result (nothing vouches for its workflow), so any problem is Unreadable and
+    the record goes to the dead-letter topic."""
+    if len(raw) > max_bytes:
+        return Unreadable(f"record of {len(raw)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        result = decode(raw)
+    except ValidationError as err:
+        return Unreadable(one_line(err))
+    if result.event_type != "inference.result":
+        return Unreadable(f"{result.event_type} is not an inference.result")
+    return result
+
+
 def peek_type(raw: bytes) -> str:
     """The event type a message claims, as far as it can be read ("" when it cannot)."""
     try:

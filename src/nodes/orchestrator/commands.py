@@ -11,7 +11,6 @@ from datetime import datetime
 from stampflow.contracts.events import (
     Envelope,
     GenerationCompleted,
-    GenerationRequested,
     StampRequested,
 )
 
@@ -56,9 +55,12 @@ class CallStamping:
 
 
 @dataclass(frozen=True, slots=True)
-class CallInference:
-    request: GenerationRequested
-    seed: int
+class DispatchInference:
+    """Publish ``job`` (an ``inference.job`` envelope) on the inference-jobs topic, after the
+    events before it. The workflow then waits in its state; :meth:`OrchestratorCore.resume`
+    moves it on when the inference node's result arrives."""
+
+    job: Envelope
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,4 +85,4 @@ class Unusable:
     reason: str
 
 
-Command = Emit | CallStamping | CallInference | Finished | Unusable
+Command = Emit | CallStamping | DispatchInference | Finished | Unusable

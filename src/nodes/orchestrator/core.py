@@ -1,9 +1,12 @@
 """The orchestrator's pure core: ``step(workflow, input) -> (workflow, commands)``.
 
 It never does I/O and never reads a clock: the runner passes the time in, executes the
-commands (publish an event, call the stamping compute node or the inference effect node) and
-feeds each outcome back in. Every id is derived from the request's event id, so a request that
-is delivered again after a crash produces exactly the same events.
+commands (publish an event, call the stamping compute node, hand a generation to the
+inference node as a job) and feeds each outcome back in. A generation workflow waits for the
+inference node in a state its FSM declares (``waits``): :meth:`OrchestratorCore.resume`
+rebuilds it from the result, which carries everything needed, so any orchestrator can take
+it. Every id is derived from the request's event id, so a request (or a result) that is
+delivered again after a crash produces exactly the same events.
 
 Pure in the reducer's way:
 
@@ -39,6 +42,8 @@ from stampflow.contracts.events import (
     NAMESPACE_PATTERN,
     Envelope,
     GenerationRequested,
+    InferenceJob,
+    InferenceResult,
     StampCreated,
     StampRequested,
     WorkflowCompleted,
@@ -62,9 +67,9 @@ from stampflow.nodes.fsm import (
     WorkflowMachine,
 )
 from stampflow.nodes.orchestrator.commands import (
-    CallInference,
     CallStamping,
     Command,
+    DispatchInference,
     EffectFailed,
     Emit,
     Finished,
@@ -76,13 +81,14 @@ from stampflow.nodes.orchestrator.commands import (
 from stampflow.nodes.orchestrator.limits import GenerationBudget, Limits
 
 __all__ = [
-    "CallInference", "CallStamping", "Command", "EffectFailed", "Emit", "Finished",
+    "CallStamping", "Command", "DispatchInference", "EffectFailed", "Emit", "Finished",
     "GenerationBudget", "GenerationSucceeded", "Limits", "OrchestratorCore", "Outcome",
     "StampSucceeded", "Unusable",
 ]
 
 SOURCE = "orchestrator"
 MAX_REASON_CHARS = 2000
+INFERENCE_RESULT = "inference.result"
 
 class OrchestratorCore:
     """Builds one :class:`WorkflowMachine` per FSM in the contract and steps workflows.
@@ -99,6 +105,9 @@ class OrchestratorCore:
         }
         for spec in contract.fsm:
             _check_can_fail(spec)
+        self.specs: dict[str, FsmSpec] = {spec.name: spec for spec in contract.fsm}
+        if "generation" in self.specs:
+            _check_waits_for_inference(self.specs["generation"])
         self.machines: dict[str, WorkflowMachine] = {
             spec.name: WorkflowMachine(spec, guards) for spec in contract.fsm
         }
@@ -145,7 +154,7 @@ class OrchestratorCore:
                 else:
                     seed = (payload.seed if payload.seed is not None
                             else derive_seed(request.event_id))
-                    run.commands.append(CallInference(payload, seed))
+                    run.dispatch(payload, seed)
             case _:
                 assert_never(payload)
         return run.workflow, run.commands
@@ -166,6 +175,38 @@ class OrchestratorCore:
         run = _Run.create(machine, kind, derive_id(request_id, "workflow"), context, at)
         run.fail(error_code, reason)
         return run.workflow, run.commands
+
+    def resume(self, result: Envelope, at: datetime) -> tuple[Workflow | None, list[Command]]:
+        """The inference node's result arrives: rebuild the waiting workflow from it and move
+        it on (``generated`` then ``complete``, or ``fail`` with the node's error code).
+
+        A payload that is not an ``inference.result``, or one naming a state in which the
+        generation FSM does not wait for it, gives no workflow and ``[Unusable(...)]``: the
+        runner dead-letters the record. Never raises for data.
+        """
+        payload = result.payload
+        if not isinstance(payload, InferenceResult):
+            return None, [Unusable("not_a_result", (
+                f"{result.event_type} is not an {INFERENCE_RESULT}"))]
+        spec = self.specs.get("generation")
+        if spec is None:
+            return None, [_no_fsm("generation")]
+        if spec.waits.get(payload.state) != INFERENCE_RESULT:
+            return None, [Unusable("not_waiting", (
+                f"the generation FSM does not wait for {INFERENCE_RESULT} in state "
+                f"{storable(payload.state, 100)!r}"))]
+        workflow = Workflow(
+            payload.workflow_id, "generation", payload.state, payload.seq,
+            context=WorkflowContext(namespace=result.namespace,
+                                    request_id=result.correlation_id,
+                                    started_at=payload.started_at))
+        outcome: Outcome
+        if payload.completed is not None:
+            outcome = GenerationSucceeded(result=payload.completed, at=at)
+        else:
+            outcome = EffectFailed(payload.error_code or "inference_failed",
+                                   payload.reason or "the inference node gave no reason", at)
+        return self.step(workflow, outcome)
 
     def step(self, workflow: Workflow, outcome: Outcome) -> tuple[Workflow, list[Command]]:
         """An effect finished: move the workflow on. ``workflow`` is not changed.
@@ -270,6 +311,19 @@ class _Run:
         code = "illegal_transition" if isinstance(fired, Illegal) else "guard_refused"
         self.fail(code, f"{what}: {fired.reason}")
 
+    def dispatch(self, request: GenerationRequested, seed: int) -> None:
+        """Hand the generation to the inference node: the job carries what any orchestrator
+        needs to resume the workflow from its result. One id per dispatch (its ``seq``)."""
+        workflow, context = self.workflow, self.workflow.context
+        job = InferenceJob(workflow_id=workflow.workflow_id, state=workflow.state,
+                           seq=workflow.seq, started_at=context.started_at, seed=seed,
+                           request=request)
+        self.commands.append(DispatchInference(envelope_for(
+            job, namespace=context.namespace,
+            event_id=derive_id(workflow.workflow_id, f"job{workflow.seq}"),
+            correlation_id=context.request_id, causation_id=context.request_id,
+            source=SOURCE, occurred_at=self.at)))
+
     def complete(self) -> None:
         moved = self.take("complete")
         if not isinstance(moved, Taken):
@@ -329,6 +383,18 @@ def _check_can_fail(spec: FsmSpec) -> None:
         raise ContractError(
             f"FSM {spec.name!r}: state(s) {stuck} have no unguarded 'fail' transition into a "
             "terminal state")
+
+
+def _check_waits_for_inference(spec: FsmSpec) -> None:
+    """A generation workflow is handed to the inference node from the state its ``start``
+    reaches, so the FSM must declare that it waits there for ``inference.result``."""
+    after_start = {t.dest for t in spec.transitions
+                   if t.trigger == "start" and spec.initial in t.source}
+    for state in sorted(after_start):
+        if spec.waits.get(state) != INFERENCE_RESULT:
+            raise ContractError(
+                f"FSM {spec.name!r}: state {state!r} (after 'start') must declare "
+                f"waits: {{{state}: {INFERENCE_RESULT}}}")
 
 
 def _kind(name: str) -> WorkflowKind | None:

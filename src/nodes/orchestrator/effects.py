@@ -1,7 +1,7 @@
-"""The orchestrator's effects as its command interpreter calls them: stamping (the compute
-node, off the event loop when the work is large, within the contract's timeout) and inference
-(the effect node, behind a narrow port). Each returns an :class:`Outcome` for the pure core;
-a failure of the work is an outcome too, never an exception.
+"""The orchestrator's one in-process effect as its command interpreter calls it: stamping (the
+compute node, off the event loop when the work is large, within the contract's timeout). It
+returns an :class:`Outcome` for the pure core; a failure of the work is an outcome too, never
+an exception. Generation is not in process: the inference node takes it as a job.
 """
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Protocol
 
-from stampflow.contracts.events import GenerationRequested, StampRequested
-from stampflow.nodes.fsm import Workflow
+from stampflow.contracts.events import StampRequested
 from stampflow.nodes.orchestrator.commands import EffectFailed, Outcome, StampSucceeded
 from stampflow.nodes.stamping import StampError, StampingNode
 
@@ -20,21 +18,12 @@ from stampflow.nodes.stamping import StampError, StampingNode
 INLINE_ON_LOOP_BYTES = 256 * 1024
 
 
-class InferenceEffect(Protocol):
-    """The inference effect node as the orchestrator sees it (see ``inference``)."""
-
-    async def generate(
-        self, request: GenerationRequested, seed: int, workflow: Workflow
-    ) -> Outcome: ...
-
-
 class Effects:
-    """Stamping and inference for one orchestrator."""
+    """Stamping for one orchestrator."""
 
-    def __init__(self, stamping: StampingNode, inference: InferenceEffect | None, *,
-                 timeout_s: float, clock: Callable[[], datetime]) -> None:
+    def __init__(self, stamping: StampingNode, *, timeout_s: float,
+                 clock: Callable[[], datetime]) -> None:
         self.stamping = stamping
-        self.inference = inference
         self.timeout_s = timeout_s
         self.clock = clock
 
@@ -61,11 +50,3 @@ class Effects:
                                 self.clock())
         return StampSucceeded(stamp.hash, stamp.size, stamp.content_type, stamp.stamped_at,
                               self.clock())
-
-    async def generate(self, request: GenerationRequested, seed: int,
-                       workflow: Workflow) -> Outcome:
-        if self.inference is None:
-            return EffectFailed("no_inference",
-                                "this orchestrator runs without an inference effect node",
-                                self.clock())
-        return await self.inference.generate(request, seed, workflow)

@@ -18,6 +18,8 @@ from stampflow.contracts.events import (
     Envelope,
     GenerationCompleted,
     GenerationRequested,
+    InferenceJob,
+    InferenceResult,
     StampCreated,
     StampRequested,
     WorkflowCompleted,
@@ -196,7 +198,7 @@ class _Reduction:
             case WorkflowFailed():
                 self._finished(envelope, payload.workflow_id, "failed", payload.error_code,
                                payload.reason, None)
-            case StampRequested() | GenerationRequested():
+            case StampRequested() | GenerationRequested() | InferenceJob() | InferenceResult():
                 self._anomaly(envelope, None, "unexpected_event",
                               f"{payload.type} does not belong on the events topic")
             case _:

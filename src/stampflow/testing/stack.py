@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from stampflow.app import RunningNodes, run_nodes
+from stampflow.app import NODE_NAMES, RunningNodes, run_nodes
 from stampflow.bus import make_consumer
 from stampflow.client import Client
 from stampflow.contracts.nodes import NodeContract
@@ -44,7 +44,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(settings: Settings, endpoints: Endpoints,
-                        nodes: tuple[str, ...] = ("orchestrator", "reducer"),
+                        nodes: tuple[str, ...] = NODE_NAMES,
                         contracts: dict[str, NodeContract] | None = None,
                         ) -> AsyncIterator[Stack]:
     stop = asyncio.Event()
