@@ -5,6 +5,12 @@ transaction as every write; only the ids that were new are reduced. A batch deli
 (after a crash between the commit here and the Kafka offset commit) finds every id taken and
 writes nothing. Locks are taken in a fixed order (ids sorted) so two reducers overlapping
 during a rebalance wait for each other instead of deadlocking.
+
+Records are keyed by workflow, so one namespace's events reach every reducer at once. Each
+workflow stays with one reducer, and the aggregates are added to, never overwritten; what two
+reducers could both decide alone is whether a stamp is new in its namespace: a transaction
+lock per (namespace, hash), taken in a fixed order before the stamps are read, makes the
+second wait for the first's commit and see its stamp as a duplicate.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
+import blake3
 
 from stampflow.contracts.events import Envelope, storable
 from stampflow.contracts.nodes import FsmSpec
@@ -110,6 +117,9 @@ async def _load_state(conn: asyncpg.Connection, events: Sequence[Envelope]) -> R
     known: frozenset[tuple[str, str]] = frozenset()
     if hashes:
         pairs = sorted(hashes)
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1::int, k) FROM unnest($2::int[]) AS k",
+            STAMP_LOCK_SPACE, sorted({stamp_lock(ns, digest) for ns, digest in pairs}))
         rows = await conn.fetch(
             """
             SELECT s.namespace, s.hash FROM stamps s
@@ -120,6 +130,18 @@ async def _load_state(conn: asyncpg.Connection, events: Sequence[Envelope]) -> R
         )
         known = frozenset((row["namespace"], row["hash"]) for row in rows)
     return ReducerState(workflows=workflows, known_stamps=known)
+
+
+# The first key of the stamps' transaction locks (two-int advisory locks: a space of their
+# own, apart from the migration's one-bigint lock). "SF" in ASCII.
+STAMP_LOCK_SPACE = 0x5346
+
+
+def stamp_lock(namespace: str, digest: str) -> int:
+    """The second key of the lock on one (namespace, hash): 32 bits of its BLAKE3. Two pairs
+    sharing a key only wait for each other."""
+    raw = blake3.blake3(f"{namespace}\x00{digest}".encode()).digest(4)
+    return int.from_bytes(raw, "big", signed=True)
 
 
 async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
