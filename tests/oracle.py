@@ -22,7 +22,8 @@ with the document it comes from:
 - a path must name an existing regular file under the content root (README,
   STAMPFLOW_CONTENT_ROOT): ``outside_root`` when it leads out of the root (an absolute path
   elsewhere included), ``not_a_file`` for a directory, ``not_found`` when nothing is there,
-  ``too_large`` for a file over the content limit;
+  ``too_large`` for a file over the content limit; an ``s3://`` path is ``outside_root``
+  (README, STAMPFLOW_CONTENT_OBJECTS: the tests allow no object prefixes);
 - a generation's cost is within the inference contract's ``max_side``, ``max_steps`` and
   ``max_pixel_steps`` (src/contracts/specs/inference.yaml, read here as data; README,
   "Generating images"): ``over_budget``;
@@ -533,6 +534,10 @@ class Oracle:
         return self._path(payload["path"])
 
     def _path(self, path: str) -> tuple[frozenset[Outcome], str, str | None]:
+        if path[:5].lower() == "s3://":
+            # An object URI (README, STAMPFLOW_CONTENT_OBJECTS): the tests' deployments allow
+            # no object prefixes, so every s3:// path is refused.
+            return frozenset({failed("outside_root")}), "an s3:// path, no objects allowed", None
         joined = path if path.startswith("/") else f"{self.root}/{path}"
         # Under the root by name (".." taken lexically), and by where the path really leads
         # (symlinks outside the root followed: /proc/self/root/<root>/a.txt is a.txt).

@@ -1,13 +1,17 @@
-"""The stamping compute node: BLAKE3 of inline bytes or of a file under the content root.
+"""The stamping compute node: BLAKE3 of inline bytes, of a file under the content root, or of
+an ``s3://bucket/key`` object under a prefix its namespace may read.
 
 Pure of Kafka and PostgreSQL. Files are streamed through one fixed buffer (``readinto``): no
-``mmap`` (mapped pages count toward the process's RSS) and no read-it-all. Every failure to
-stamp a path is a :class:`StampError` with a code and one line naming the path and the reason.
+``mmap`` (mapped pages count toward the process's RSS) and no read-it-all; objects are streamed
+in chunks of :data:`CHUNK_SIZE`. Every failure to stamp a path is a :class:`StampError` with a
+code and one line naming the path and the reason.
 
 Why one file past 400 lines: half of it is the file safety of one operation (resolve below the
 root without following a link out of it, open without following the last link, check the file
 is regular and did not change while read, map each OS error to a code); it is read and changed
-together with the stamping it guards, and has no other user.
+together with the stamping it guards, and has no other user. The object side is the same
+kind of code (containment per namespace, size before reading, each store error to a code); the
+object store itself is :mod:`stampflow.nodes.objectstore`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +32,16 @@ from blake3 import blake3
 
 from stampflow.contracts.events import NAMESPACE_PATTERN, utc_now
 from stampflow.nodes.content_type import SNIFF_BYTES, sniff_content_type
+from stampflow.nodes.objectstore import (
+    ContentPrefixes,
+    ObjectChangedError,
+    ObjectStoreError,
+    ObjectURIError,
+    S3ObjectStore,
+    S3Options,
+    is_s3_uri,
+    parse_uri,
+)
 
 __all__ = [
     "ALGORITHM",
@@ -38,6 +53,7 @@ __all__ = [
     "StampingNode",
     "hash_bytes",
     "hash_file",
+    "is_s3_uri",
     "resolve_in_root",
     "sniff_content_type",
     "utc_now",
@@ -212,14 +228,27 @@ class StampingNode:
     """The compute node. Pure of Kafka/PostgreSQL; reads files (its job)."""
 
     def __init__(
-        self, root: Path, *, max_bytes: int, clock: Callable[[], datetime] = utc_now
+        self,
+        root: Path,
+        *,
+        max_bytes: int,
+        clock: Callable[[], datetime] = utc_now,
+        content_objects: ContentPrefixes | Mapping[str, Sequence[str]] | None = None,
+        s3: S3Options | None = None,
     ) -> None:
+        """``content_objects``: namespace (or ``*``) -> the ``s3://bucket/prefix/`` URIs whose
+        objects it may stamp (none: ``s3://`` paths are refused); ``s3``: how to reach the
+        S3-API server (else the ``AWS_*`` environment variables)."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes {max_bytes!r} is not a non-negative integer")
         self.root = Path(os.path.realpath(root))
         self._real_root = str(self.root)
         self.max_bytes = max_bytes
         self.clock = clock
+        self.content_objects = (content_objects if isinstance(content_objects, ContentPrefixes)
+                                else ContentPrefixes.parse(content_objects))
+        self.s3 = s3
+        self._buckets: dict[str, S3ObjectStore] = {}
 
     def stamp_bytes(
         self,
@@ -240,8 +269,17 @@ class StampingNode:
         return self._stamp(_Digest(hash_bytes(data), size, content_type.strip()), namespace)
 
     def stamp_path(self, path: str | Path, *, namespace: str) -> Stamp:
-        """Stamp the file at ``path`` under the root (see :func:`resolve_in_root`)."""
-        return self._stamp(self._digest_path(path, max_bytes=self.max_bytes), namespace)
+        """Stamp the file at ``path`` under the root (see :func:`resolve_in_root`), or the
+        ``s3://bucket/key`` object at ``path`` when ``namespace`` may read it.
+
+        An object is refused with ``outside_root`` when no object storage is configured, when
+        its bucket or prefix is not allowed for ``namespace``, or when its URI is not plain
+        (``..``, ``.``, ``//``, a bad bucket name); ``too_large`` from its size before any of
+        it is read (and while reading); ``not_found`` when it is missing; ``not_a_file`` for a
+        key ending in ``/``; ``unreadable`` when the store fails or the object changes.
+        """
+        digest = self._digest_path(path, max_bytes=self.max_bytes, namespace=namespace)
+        return self._stamp(digest, namespace)
 
     def verify(
         self,
@@ -252,8 +290,9 @@ class StampingNode:
     ) -> bool:
         """Does this content (exactly one of ``data`` or ``path``) have the stamp's hash and size?
 
-        Namespace, type and time are not compared. A path that cannot be stamped raises
-        :class:`StampError`; a file larger than the stamp says is ``False`` without reading it.
+        Namespace, type and time are not compared (an ``s3://`` path is read with the stamp's
+        namespace's rights). A path that cannot be stamped raises :class:`StampError`; a file
+        larger than the stamp says is ``False`` without reading it.
         """
         if data is not None and path is None:
             return memoryview(data).nbytes == stamp.size and hash_bytes(data) == stamp.hash
@@ -262,16 +301,77 @@ class StampingNode:
         if stamp.size > self.max_bytes:
             raise StampError("too_large", path, _too_large(self.max_bytes, stamp.size))
         try:
-            digest = self._digest_path(path, max_bytes=stamp.size)
+            digest = self._digest_path(path, max_bytes=stamp.size, namespace=stamp.namespace)
         except StampError as err:
             if err.code == "too_large":
                 return False
             raise
         return digest.size == stamp.size and digest.hash == stamp.hash
 
-    def _digest_path(self, path: str | Path, *, max_bytes: int) -> _Digest:
+    def _digest_path(self, path: str | Path, *, max_bytes: int, namespace: str) -> _Digest:
+        if is_s3_uri(path):
+            return self._digest_object(str(path), max_bytes=max_bytes, namespace=namespace)
         resolved = _resolve_below(self._real_root, path)
         return self._digest_resolved(resolved, path, max_bytes=max_bytes)
+
+    def object_refusal(self, uri: str, namespace: str) -> StampError | None:
+        """Why ``namespace`` may not stamp the object at ``uri``; ``None`` when it may."""
+        if not self.content_objects:
+            return StampError("outside_root", uri, "outside the content root (no object "
+                              "storage is configured for stamping)")
+        try:
+            obj = parse_uri(uri)
+        except ObjectURIError as err:
+            reason = str(err).removeprefix(f"{uri}: ")
+            return StampError("outside_root", uri, f"outside the allowed objects ({reason})")
+        if refused := self.content_objects.refusal(obj, namespace):
+            return StampError("outside_root", uri, f"outside the allowed objects ({refused})")
+        if not obj.key or obj.key.endswith("/"):
+            return StampError("not_a_file", uri, "not a file (a prefix, not an object)")
+        return None
+
+    def _digest_object(self, uri: str, *, max_bytes: int, namespace: str) -> _Digest:
+        if refused := self.object_refusal(uri, namespace):
+            raise refused
+        obj = parse_uri(uri)
+        store = self._bucket(obj.bucket)
+        try:
+            info = store.head(obj.key)
+            if info.size > max_bytes:
+                raise StampError("too_large", uri, _too_large(max_bytes, info.size))
+            hasher = blake3()
+            head = bytearray()
+            size = 0
+            # The read is of the version headed (If-Match on its ETag), and counted as it goes.
+            with closing(store.stream(obj.key, chunk_size=CHUNK_SIZE, etag=info.etag)) as chunks:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise StampError("too_large", uri,
+                                         _too_large(max_bytes, size, grew=True))
+                    hasher.update(chunk)
+                    if len(head) < SNIFF_BYTES:
+                        head += chunk[: SNIFF_BYTES - len(head)]
+        except FileNotFoundError:
+            raise StampError("not_found", uri, "not found") from None
+        except ObjectChangedError:
+            raise StampError("unreadable", uri,
+                             "unreadable (the object changed while being read)") from None
+        except ObjectStoreError as err:
+            reason = str(err).removeprefix(f"{uri}: ")
+            raise StampError("unreadable", uri, f"unreadable ({reason})") from None
+        if size != info.size:
+            raise StampError("unreadable", uri, "unreadable (the object changed while being "
+                             f"read: {size} bytes read, {info.size} expected)")
+        name = obj.key.rsplit("/", 1)[-1]
+        content_type = sniff_content_type(name, bytes(head), final=size <= len(head))
+        return _Digest(hasher.hexdigest(), size, content_type)
+
+    def _bucket(self, bucket: str) -> S3ObjectStore:
+        store = self._buckets.get(bucket)
+        if store is None:
+            store = self._buckets.setdefault(bucket, S3ObjectStore(bucket, "", self.s3))
+        return store
 
     def _digest_resolved(
         self, resolved: str | Path, path: str | Path, *, max_bytes: int

@@ -5,10 +5,11 @@ from __future__ import annotations
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stampflow.nodes.deadletter import dlq_topic
+from stampflow.nodes.objectstore import ContentPrefixes, ObjectURIError, S3Options, parse_uri
 
 
 class ServiceSource(StrEnum):
@@ -63,6 +64,55 @@ class Settings(BaseSettings):
     models: dict[str, str] = Field(default_factory=dict)
     # Generated images, stored by BLAKE3 hash.
     artifact_root: Path = Path(".stampflow/artifacts")
+    # Object storage (stampflow.nodes.objectstore). artifact_uri, when set, overrides
+    # artifact_root: file:///dir or s3://bucket/prefix. The s3_* fields say how to reach the
+    # S3-API server (AWS, MinIO, moto); unset credentials come from the usual AWS_* variables.
+    artifact_uri: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_allow_http: bool = False
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    # Objects a stamp request's path may name, as JSON: namespace (or "*", every namespace) ->
+    # s3:// prefixes. STAMPFLOW_CONTENT_OBJECTS='{"*": ["s3://bucket/shared/"]}'. Empty:
+    # s3:// paths are refused (outside_root).
+    content_objects: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("artifact_uri")
+    @classmethod
+    def _object_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_uri(value)
+            except ObjectURIError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("content_objects")
+    @classmethod
+    def _content_objects(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        ContentPrefixes.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _s3_options_valid(self) -> Settings:
+        try:
+            self.s3_options()
+        except ValueError as err:  # an http endpoint without s3_allow_http, half a key pair
+            raise ValueError(f"STAMPFLOW_S3_*: {err}") from None
+        return self
+
+    def s3_options(self) -> S3Options:
+        """How to reach the S3-API server, for :class:`~stampflow.inference.ArtifactStore`
+        and :class:`~stampflow.nodes.stamping.StampingNode`."""
+        secret = self.s3_secret_access_key
+        return S3Options(
+            endpoint_url=self.s3_endpoint_url, region=self.s3_region,
+            allow_http=self.s3_allow_http,
+            access_key_id=(self.s3_access_key_id.get_secret_value()
+                           if self.s3_access_key_id is not None else None),
+            secret_access_key=secret.get_secret_value() if secret is not None else None)
+
     # Overrides of the inference contract's device and dtype (auto: bf16 on CUDA, else fp32).
     inference_device: str | None = None
     inference_dtype: str | None = None
