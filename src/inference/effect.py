@@ -43,6 +43,7 @@ from stampflow.inference.jobs import (
     validate_size,
 )
 from stampflow.inference.registry import ModelRegistry
+from stampflow.nodes.objectstore import ObjectStoreError
 from stampflow.nodes.orchestrator.core import (
     EffectFailed,
     GenerationBudget,
@@ -129,6 +130,9 @@ class InferenceEffectNode:
             return EffectFailed("circuit_open", str(err), self.clock())
         except (InferenceError, StampError) as err:
             return EffectFailed(err.code, str(err), self.clock())
+        except (ObjectStoreError, OSError) as err:  # the artifact store refused or is gone
+            return EffectFailed("artifact_store", f"the image could not be stored: {err}",
+                                self.clock())
         return GenerationSucceeded(result=completed, at=self.clock())
 
     async def aclose(self) -> None:

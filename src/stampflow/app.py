@@ -33,6 +33,7 @@ from stampflow.services import Endpoints
 from stampflow.settings import Settings
 
 if TYPE_CHECKING:  # the inference node imports torch and diffusers when it runs, and only then
+    from stampflow.inference.artifacts import ArtifactStore
     from stampflow.inference.effect import InferenceEffectNode
     from stampflow.inference.worker import InferenceWorker
 
@@ -203,12 +204,22 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
 def stamping_node(settings: Settings, contracts: dict[str, NodeContract]) -> StampingNode:
     declared = contracts["stamping"].io_policy.max_content_bytes or settings.max_content_bytes
     return StampingNode(settings.content_root,
-                        max_bytes=min(settings.max_content_bytes, declared))
+                        max_bytes=min(settings.max_content_bytes, declared),
+                        content_objects=settings.content_objects, s3=settings.s3_options())
+
+
+def artifact_store(settings: Settings) -> ArtifactStore:
+    """Where generated images go: ``artifact_uri`` (file:// or s3://), else ``artifact_root``."""
+    from stampflow.inference.artifacts import ArtifactStore
+
+    if settings.artifact_uri is not None:
+        return ArtifactStore.from_uri(settings.artifact_uri, s3=settings.s3_options())
+    return ArtifactStore(settings.artifact_root)
 
 
 def build_inference(settings: Settings, contracts: dict[str, NodeContract]) -> InferenceEffectNode:
     """The inference effect node's engine. torch and the model load on first use."""
-    from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry
+    from stampflow.inference import InferenceEffectNode, ModelRegistry
 
     policy = contracts["inference"].io_policy
     updates: dict[str, object] = {}
@@ -220,7 +231,7 @@ def build_inference(settings: Settings, contracts: dict[str, NodeContract]) -> I
         policy = IoPolicy.model_validate({**policy.model_dump(), **updates})
     return InferenceEffectNode(
         registry=ModelRegistry(settings.models, device=policy.device, dtype=policy.dtype),
-        artifacts=ArtifactStore(settings.artifact_root),
+        artifacts=artifact_store(settings),
         stamping=stamping_node(settings, contracts),
         io_policy=policy,
     )

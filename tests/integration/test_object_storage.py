@@ -12,6 +12,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from stampflow.contracts.events import GenerationRequested
 from stampflow.inference.artifacts import ArtifactStore
 from stampflow.nodes.objectstore import (
     CHUNK_SIZE,
@@ -20,7 +21,8 @@ from stampflow.nodes.objectstore import (
     content_key,
 )
 from stampflow.nodes.stamping import StampError, StampingNode
-from stampflow.testing.pytest_plugin import S3Server
+from stampflow.testing.pytest_plugin import S3Server, Services
+from stampflow.testing.stack import fetch, finished_count, running_stack, settings_for, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +275,45 @@ def test_stamp_large_object_keeps_rss_small(s3_server: S3Server, bucket: str) ->
     assert (result["hash"], result["size"]) == (expected, size)
     grown_kib = result["after"] - result["before"]
     assert grown_kib < 32 * 1024, f"stamping {size} bytes grew the peak RSS by {grown_kib} KiB"
+
+
+@pytest.mark.slow
+async def test_the_stack_stores_images_and_stamps_objects_on_s3(
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
+    tiny_flux_model: Path, s3_server: S3Server, bucket: str,
+) -> None:
+    """Settings alone switch the running nodes to S3: an image lands at an s3:// URI, and a
+    stamp request naming an allowed object is stamped from it (one outside is refused)."""
+    endpoints = services.endpoints.with_database(fresh_database_url)
+    content = os.urandom(3 * 1024 * 1024 + 17)
+    store = S3ObjectStore(bucket, "", s3_server.options)
+    store.put_if_absent("inbox/a.bin", content)
+    store.put_if_absent("private/b.bin", b"secret")
+    settings = settings_for(
+        endpoints, topic_prefix, tmp_path, models={"tiny": str(tiny_flux_model)},
+        artifact_uri=f"s3://{bucket}/images", s3_endpoint_url=s3_server.endpoint_url,
+        s3_region="us-east-1", s3_allow_http=True, s3_access_key_id="test",
+        s3_secret_access_key="test", content_objects={"lab": [f"s3://{bucket}/inbox/"]})
+    async with running_stack(settings, endpoints) as stack:
+        c = stack.client
+        await c.submit_generation("lab", GenerationRequested(
+            prompt="a cat", seed=3, width=64, height=64, num_inference_steps=1, model="tiny"))
+        await c.submit_stamp("lab", path=f"s3://{bucket}/inbox/a.bin")
+        await c.submit_stamp("lab", path=f"s3://{bucket}/private/b.bin")
+        await wait_for(lambda: _finished(fresh_database_url, 3), 120, "3 workflows")
+    rows = await fetch(fresh_database_url, "SELECT artifact_uri, hash FROM generations")
+    assert len(rows) == 1 and rows[0]["artifact_uri"].startswith(f"s3://{bucket}/images/")
+    key = rows[0]["artifact_uri"].removeprefix(f"s3://{bucket}/")
+    assert blake3.blake3(store.get(key)).hexdigest() == rows[0]["hash"]
+    stamped = await fetch(fresh_database_url, "SELECT hash, source FROM stamps WHERE source "
+                                              "LIKE '%.bin'")
+    assert stamped == [{"hash": blake3.blake3(content).hexdigest(),
+                        "source": f"s3://{bucket}/inbox/a.bin"}]
+    failed = await fetch(fresh_database_url, "SELECT error_code, reason FROM workflows "
+                                             "WHERE state = 'failed'")
+    assert len(failed) == 1 and failed[0]["error_code"] == "outside_root"
+    assert "private/b.bin" in failed[0]["reason"]
+
+
+async def _finished(url: str, n: int) -> bool:
+    return await finished_count(url) >= n
