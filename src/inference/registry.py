@@ -87,6 +87,13 @@ def resolve_device(policy: DevicePolicy | None, cuda_available: bool) -> str:
     return policy
 
 
+def runtime_device(policy: DevicePolicy | None) -> str:
+    """The device ``policy`` resolves to on this machine (imports torch)."""
+    import torch
+
+    return resolve_device(policy, torch.cuda.is_available())
+
+
 def resolve_dtype(policy: DtypePolicy | None, device: str) -> str:
     """``auto`` → bfloat16 on CUDA, float32 on CPU; an explicit dtype is kept."""
     if policy in (None, "auto"):

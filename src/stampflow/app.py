@@ -220,6 +220,7 @@ def artifact_store(settings: Settings) -> ArtifactStore:
 def build_inference(settings: Settings, contracts: dict[str, NodeContract]) -> InferenceEffectNode:
     """The inference effect node's engine. torch and the model load on first use."""
     from stampflow.inference import InferenceEffectNode, ModelRegistry
+    from stampflow.inference.registry import runtime_device
 
     policy = contracts["inference"].io_policy
     updates: dict[str, object] = {}
@@ -229,6 +230,10 @@ def build_inference(settings: Settings, contracts: dict[str, NodeContract]) -> I
         updates["dtype"] = settings.inference_dtype
     if updates:
         policy = IoPolicy.model_validate({**policy.model_dump(), **updates})
+    if policy.device in (None, "auto") and runtime_device(policy.device) == "cpu":
+        # Not silent: a GPU worker that lost its GPU would otherwise just be very slow.
+        log.warning("no CUDA device: this inference node generates on the CPU in float32; "
+                    "set STAMPFLOW_INFERENCE_DEVICE=cpu if that is meant")
     return InferenceEffectNode(
         registry=ModelRegistry(settings.models, device=policy.device, dtype=policy.dtype),
         artifacts=artifact_store(settings),

@@ -42,10 +42,11 @@ def _signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(sig)
 
 
-def run_cmd(node: Annotated[str, typer.Argument(help="orchestrator or reducer")]) -> None:
+def run_cmd(node: Annotated[str, typer.Argument(
+        help="orchestrator, inference (a GPU worker) or reducer")]) -> None:
     """Run one node against the configured services until SIGTERM or Ctrl-C.
 
-    Scale out by running more of these processes: they share one consumer group.
+    Scale out by running more of these processes: each kind shares one consumer group.
     """
     from stampflow.app import NODE_NAMES, run_nodes
 
