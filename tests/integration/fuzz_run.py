@@ -80,7 +80,9 @@ async def run_records(
         taken |= expect.request_ids
     await asyncio.to_thread(logs.mkdir, exist_ok=True)
     orchestrator = NodeProcess("orchestrator", settings, logs / "orchestrator.log", env)
+    inference = NodeProcess("inference", settings, logs / "inference.log", env)
     reducer = NodeProcess("reducer", settings, logs / "reducer.log", env)
+    nodes = (orchestrator, inference, reducer)
     dlq = make_consumer(endpoints.bootstrap_servers,
                         [settings.dlq_topic(settings.requests_topic)],
                         f"{settings.consumer_group_prefix}-fuzz-dlq-reader")
@@ -109,32 +111,31 @@ async def run_records(
             if await _terminal_count(settings) + len(run.letters) >= total:
                 run.settled = True
                 break
-            if orchestrator.proc.poll() is not None or reducer.proc.poll() is not None:
+            if any(n.proc.poll() is not None for n in nodes):
                 break
             await asyncio.sleep(0.5)
         await asyncio.sleep(1.0)  # anything published twice would show up now
         await _read_letters(dlq, run.letters)
         run.settle_s = time.monotonic() - t1
-        exited = {n.node: n.proc.poll() for n in (orchestrator, reducer)
-                  if n.proc.poll() is not None}
+        exited = {n.node: n.proc.poll() for n in nodes if n.proc.poll() is not None}
         if exited:
             run.problems.append(f"node process exited: {exited}; logs in {logs}:\n"
-                                + _tail(logs / "orchestrator.log") + _tail(logs / "reducer.log"))
+                                + "".join(_tail(logs / f"{n.node}.log") for n in nodes))
         url = _database_url(settings)
         rows = await fetch(url, "SELECT workflow_id, namespace, kind, state, error_code, reason, "
                                 "hash FROM workflows")
         run.workflows = {r["workflow_id"]: r for r in rows}
         run.problems += _judge(records, expected, labels, run)
         run.problems += await _whole(url, run)
-        for node in (orchestrator, reducer):
+        for node in nodes:
             if node.proc.poll() is None:
                 code, took = node.terminate()
                 if code != 0:
                     run.problems.append(f"SIGTERM: {node.node} exited {code} after {took:.1f}s")
     finally:
         await dlq.stop()
-        orchestrator.kill()
-        reducer.kill()
+        for node in nodes:
+            node.kill()
     return run
 
 

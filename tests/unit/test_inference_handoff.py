@@ -170,3 +170,14 @@ def test_a_generation_fsm_must_declare_that_it_waits_for_the_result() -> None:
         FsmSpec.model_validate({**spec.model_dump(), "waits": {"generating": "nope"}})
     with pytest.raises(ValueError, match="non-terminal"):
         FsmSpec.model_validate({**spec.model_dump(), "waits": {"completed": "inference.result"}})
+
+
+def test_a_job_or_a_result_on_the_requests_topic_is_refused_as_no_request() -> None:
+    from stampflow.nodes.orchestrator.admission import Refused, admit
+
+    _, job = dispatched(generation_request())
+    result = result_for(job, EffectFailed("timeout", "slow", T1), T1)
+    for envelope in (job, result):
+        answer = admit(envelope.to_bytes())
+        assert isinstance(answer, Refused) and answer.code == "unexpected_event", answer
+        assert answer.kind == "generation"

@@ -90,4 +90,4 @@ def peek_type(raw: bytes) -> str:
 
 
 def kind_of(event_type: str) -> WorkflowKind:
-    return "generation" if event_type.startswith("generation") else "stamp"
+    return "generation" if event_type.startswith(("generation", "inference")) else "stamp"
