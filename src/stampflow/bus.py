@@ -12,12 +12,18 @@ inside what Tansu supports:
   the next member waited for the departed one's session to expire (join took ~11 s, not ~3 s):
   ``GroupConsumer.stop`` leaves the group in that case too.
 Callers may override any setting for a real Kafka cluster.
+
+Every client built here takes ``kafka`` (:class:`stampflow.connections.KafkaOptions`: TLS and
+SASL, from settings for external brokers; plaintext when omitted). The generation-0 LeaveGroup
+workaround is Tansu's alone: it applies only while ``kafka.tansu`` is true (the embedded
+broker's options; external endpoints turn it off).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -28,6 +34,7 @@ from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
 
+from stampflow.connections import PLAINTEXT, KafkaOptions
 from stampflow.errors import ServiceUnavailable, StampflowError
 
 log = structlog.get_logger("stampflow.bus")
@@ -40,25 +47,35 @@ _TOPIC_ALREADY_EXISTS = 36
 
 
 async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int,
-                        *, timeout: float = 10.0) -> list[str]:
-    """Create the topics that are missing, with ``partitions`` partitions each, and return
-    their names. Safe when several nodes do it at once; an existing topic keeps its
-    partition count."""
+                        *, replication_factor: int = 1, kafka: KafkaOptions | None = None,
+                        timeout: float = 10.0) -> list[str]:
+    """Create the topics that are missing, with ``partitions`` partitions and
+    ``replication_factor`` replicas each, and return their names. Safe when several nodes do
+    it at once; an existing topic keeps its partition count and replicas."""
     if partitions < 1:
         raise StampflowError(f"topics need at least 1 partition, not {partitions}")
+    if replication_factor < 1:
+        raise StampflowError(f"topics need at least 1 replica, not {replication_factor}")
+    options = kafka or PLAINTEXT
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=int(timeout * 1000))
+                                request_timeout_ms=int(timeout * 1000),
+                                **options.client_kwargs())
     try:
         try:
             await admin.start()
             existing = set(await admin.list_topics())
         except (TimeoutError, KafkaConnectionError, OSError) as err:
+            if options.uses_ssl and (why := await tls_problem(bootstrap, options)):
+                # Not an outage: waiting would not make the certificate trusted.
+                raise StampflowError(f"Kafka broker at {bootstrap}: TLS failed: {why} (check "
+                                     "STAMPFLOW_KAFKA_SSL_CAFILE and the broker's "
+                                     "certificate)") from None
             raise ServiceUnavailable("Kafka broker", bootstrap,
                                      " ".join(str(err).split()) or type(err).__name__) from None
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
         if missing:
             response = await admin.create_topics(
-                [NewTopic(t, partitions, 1) for t in missing])
+                [NewTopic(t, partitions, replication_factor) for t in missing])
             for name, code, message in response.topic_errors:
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
                     raise StampflowError(f"topic {name} on the Kafka broker at {bootstrap} "
@@ -72,9 +89,31 @@ async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int,
             await admin.close()
 
 
-async def started_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
+async def tls_problem(bootstrap: str, kafka: KafkaOptions, timeout: float = 5.0) -> str | None:
+    """Why a TLS handshake with the first bootstrap server fails with ``kafka``'s TLS
+    settings (a certificate that does not verify, a name that does not match), or None when it
+    succeeds or the server cannot be reached at all (that is an outage, not a TLS problem)."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    host = host.strip("[]") or "localhost"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, int(port), ssl=kafka.ssl_context(), server_hostname=host), timeout)
+    except ssl.SSLCertVerificationError as err:
+        return " ".join((err.verify_message or str(err)).split())
+    except ssl.SSLError as err:
+        return " ".join((err.reason or str(err)).split())
+    except (OSError, TimeoutError, ValueError):
+        return None
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+    return None
+
+
+async def started_producer(bootstrap: str, *, kafka: KafkaOptions | None = None,
+                           **overrides: Any) -> AIOKafkaProducer:
     """:func:`make_producer`, started; stopped again (briefly) if it cannot start."""
-    producer = make_producer(bootstrap, **overrides)
+    producer = make_producer(bootstrap, kafka=kafka, **overrides)
     try:
         await producer.start()
     except BaseException:
@@ -168,10 +207,12 @@ async def _stop_quietly(producer: AIOKafkaProducer, timeout: float = 3.0) -> Non
         log.warning("producer stop did not finish", error=repr(err))
 
 
-def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
+def make_producer(bootstrap: str, *, kafka: KafkaOptions | None = None,
+                  **overrides: Any) -> AIOKafkaProducer:
     """A producer that waits for every replica (``acks="all"``), batches for 2 ms and does
     not compress. Idempotence stays off: Tansu does not support it."""
     config: dict[str, Any] = {
+        **(kafka or PLAINTEXT).client_kwargs(),
         "bootstrap_servers": bootstrap,
         "acks": "all",
         "linger_ms": 2,
@@ -185,12 +226,18 @@ def make_producer(bootstrap: str, **overrides: Any) -> AIOKafkaProducer:
 
 
 class GroupConsumer(AIOKafkaConsumer):  # type: ignore[misc]
-    """An AIOKafkaConsumer that leaves its group on stop() even in generation 0 (Tansu)."""
+    """An AIOKafkaConsumer that, with ``tansu=True``, leaves its group on stop() even in
+    generation 0 (Tansu numbers a group's first generation 0). This reaches into aiokafka's
+    coordinator (0.13 and later), so it stays off for any other broker."""
+
+    def __init__(self, *topics: str, tansu: bool = False, **config: Any) -> None:
+        super().__init__(*topics, **config)
+        self.tansu = tansu
 
     async def stop(self) -> None:
         coordinator = getattr(self, "_coordinator", None)
         leave = getattr(coordinator, "_maybe_leave_group", None)
-        if isinstance(coordinator, GroupCoordinator) and leave is not None:
+        if self.tansu and isinstance(coordinator, GroupCoordinator) and leave is not None:
 
             async def leave_even_generation_zero() -> None:
                 member = coordinator.member_id
@@ -211,10 +258,14 @@ def make_consumer(bootstrap: str, topics: Sequence[str], group_id: str, *,
                   max_poll_records: int = MAX_POLL_RECORDS,
                   session_timeout_ms: int = SESSION_TIMEOUT_MS,
                   heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS,
+                  kafka: KafkaOptions | None = None,
                   **overrides: Any) -> GroupConsumer:
     """A group consumer that commits by hand (``await consumer.commit()`` after the work is
-    durable) and starts from the committed offset, else the earliest one."""
+    durable) and starts from the committed offset, else the earliest one. ``kafka``: how to
+    reach the broker (plaintext, and Tansu's workaround, when omitted)."""
+    options = kafka or PLAINTEXT
     config: dict[str, Any] = {
+        **options.client_kwargs(),
         "bootstrap_servers": bootstrap,
         "group_id": group_id,
         "enable_auto_commit": False,
@@ -231,7 +282,7 @@ def make_consumer(bootstrap: str, topics: Sequence[str], group_id: str, *,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
     }
     config.update(overrides)
-    return GroupConsumer(*topics, **config)
+    return GroupConsumer(*topics, tansu=options.tansu, **config)
 
 
 __all__ = [

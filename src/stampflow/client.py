@@ -28,8 +28,10 @@ class Client:
     async def __aenter__(self) -> Client:
         s = self.settings
         await ensure_topics(self.endpoints.bootstrap_servers,
-                            [s.requests_topic, s.events_topic], s.topic_partitions)
-        producer = make_producer(self.endpoints.bootstrap_servers)
+                            [s.requests_topic, s.events_topic], s.topic_partitions,
+                            replication_factor=s.topic_replication_factor,
+                            kafka=self.endpoints.kafka)
+        producer = make_producer(self.endpoints.bootstrap_servers, kafka=self.endpoints.kafka)
         await producer.start()
         self._producer = producer
         return self

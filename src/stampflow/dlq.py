@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 
 from stampflow.bus import make_consumer, make_producer
+from stampflow.connections import KafkaOptions
 from stampflow.errors import StampflowError
 from stampflow.nodes.deadletter import dlq_topic, parse_dead_letter
 from stampflow.queries import connect
@@ -38,13 +39,15 @@ class DeadLetter:
 
 
 async def read_dead_letters(bootstrap: str, topic: str, *, idle_s: float = 1.5,
-                            limit: int = 10_000) -> list[DeadLetter]:
+                            limit: int = 10_000,
+                            kafka: KafkaOptions | None = None) -> list[DeadLetter]:
     """Every record of ``<topic>.dlq``, oldest first, without committing anything.
 
     The embedded broker's end offsets are unreliable, so reading stops after ``idle_s``
     seconds without a new record.
     """
-    consumer = make_consumer(bootstrap, [dlq_topic(topic)], f"dlq-reader-{uuid.uuid4().hex}")
+    consumer = make_consumer(bootstrap, [dlq_topic(topic)], f"dlq-reader-{uuid.uuid4().hex}",
+                             kafka=kafka)
     await consumer.start()
     out: list[DeadLetter] = []
     try:
@@ -100,7 +103,8 @@ WHERE dlq_topic = $1 AND (partition, "offset") IN (
 
 
 async def replay(bootstrap: str, database_url: str, dead_letter_topic: str,
-                 letters: list[DeadLetter], to_topic: str, *, force: bool = False) -> Replayed:
+                 letters: list[DeadLetter], to_topic: str, *, force: bool = False,
+                 kafka: KafkaOptions | None = None) -> Replayed:
     """Publish each letter's original bytes, with its original key, to ``to_topic``, once.
 
     In one transaction: the letters are claimed in ``dlq_replays`` (those replayed before are
@@ -134,7 +138,7 @@ async def replay(bootstrap: str, database_url: str, dead_letter_topic: str,
                 else:
                     row = earlier.get(where)
                     result.skipped.append(Skipped(d, _earlier(row) if row else "replayed before"))
-            await _publish(bootstrap, to_topic, result.sent)
+            await _publish(bootstrap, to_topic, result.sent, kafka)
     except asyncpg.UndefinedTableError:
         raise StampflowError(f"PostgreSQL at {address}: no table dlq_replays; run `stampflow "
                              "migrate` first") from None
@@ -152,10 +156,11 @@ def _earlier(row: Any) -> str:
             f"by {row['by_role']}")
 
 
-async def _publish(bootstrap: str, topic: str, letters: list[DeadLetter]) -> None:
+async def _publish(bootstrap: str, topic: str, letters: list[DeadLetter],
+                   kafka: KafkaOptions | None = None) -> None:
     if not letters:
         return
-    producer = make_producer(bootstrap)
+    producer = make_producer(bootstrap, kafka=kafka)
     await producer.start()
     try:
         sent = [await producer.send(topic, value=d.value, key=d.key) for d in letters]

@@ -1,11 +1,17 @@
 """The SQL migration runner: numbered plain-SQL files applied once each, in order, under a lock.
 
 Migrations are files named ``NNNN_name.sql`` (four digits, then a lower-case name) in one
-directory; gaps in the numbering are allowed and files apply in number order. ``migrate`` takes a
-session-level PostgreSQL advisory lock first, so that nodes starting together apply each file
-exactly once, then runs every pending file in its own transaction together with its row in
-``schema_migrations``. A file that was applied must never change afterwards: its SHA-256 is
-recorded and checked on every run.
+directory; gaps in the numbering are allowed and files apply in number order. ``migrate`` opens
+one transaction and takes a transaction-level PostgreSQL advisory lock in it
+(``pg_try_advisory_xact_lock``), so that nodes starting together apply each file exactly once,
+then runs every pending file in a savepoint of its own together with its row in
+``schema_migrations``. The lock lives and dies with that transaction, so it also holds behind
+PgBouncer in transaction pooling, where session state does not survive between transactions.
+A file that was applied must never change afterwards: its SHA-256 is recorded and checked on
+every run.
+
+``check_current`` is what a node that does not migrate (``migrate_on_start=false``) runs at
+start-up: :class:`SchemaBehind` while files are pending.
 
 The lock is tried, not waited for: whoever holds it (another node migrating, or any session
 that took the same key) delays a start by at most ``lock_timeout`` seconds, after which
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +42,8 @@ __all__ = [
     "Migration",
     "DatabaseUnreachable",
     "MigrationError",
+    "SchemaBehind",
+    "check_current",
     "default_migrations_dir",
     "discover",
     "migrate",
@@ -83,6 +92,21 @@ class DatabaseUnreachable(MigrationError, ServiceUnavailable):
         StampflowError.__init__(
             self, f"PostgreSQL at {address} is unreachable, cannot migrate: {reason}")
         self.service, self.address, self.reason = "PostgreSQL", address, reason
+
+
+class SchemaBehind(MigrationError, ServiceUnavailable):
+    """Migrations on disk that the database has not applied yet, found by a node that does not
+    migrate itself: it waits (a ServiceUnavailable, retried like an unreachable service) until
+    ``stampflow migrate`` has run."""
+
+    def __init__(self, address: str, pending: list[Migration]) -> None:
+        names = ", ".join(m.filename for m in pending[:3]) + (", ..." if len(pending) > 3
+                                                              else "")
+        reason = (f"the schema is behind: {len(pending)} migration(s) pending ({names}); "
+                  "run `stampflow migrate`")
+        StampflowError.__init__(self, f"PostgreSQL at {address}: {reason}")
+        self.service, self.address, self.reason = "PostgreSQL", address, reason
+        self.pending = pending
 
 
 def _address(dsn: str) -> str:
@@ -185,10 +209,18 @@ def _check_unchanged(migrations: list[Migration], applied: dict[int, str]) -> No
             )
 
 
-async def _connect(dsn: str) -> Any:
+async def _connect(dsn: str, statement_cache_size: int | None = None) -> Any:
     address = _address(dsn)
+    options = {} if statement_cache_size is None else {
+        "statement_cache_size": statement_cache_size}
     try:
-        return await asyncpg.connect(dsn)
+        return await asyncpg.connect(dsn, **options)
+    except ssl.SSLError as exc:
+        # A certificate that does not verify (a wrong sslrootcert): waiting would not fix it.
+        raise MigrationError(f"PostgreSQL at {address}: TLS failed: "
+                             f"{_one_line(getattr(exc, 'verify_message', None) or str(exc))} "
+                             "(check sslmode and sslrootcert in STAMPFLOW_DATABASE_URL)"
+                             ) from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = _one_line(str(exc)) or type(exc).__name__
         if isinstance(exc, UNREACHABLE):
@@ -215,7 +247,7 @@ async def _applied(conn: Any) -> dict[int, tuple[str, datetime]]:
 
 async def _apply(conn: Any, migration: Migration, address: str) -> None:
     try:
-        async with conn.transaction():
+        async with conn.transaction():  # a savepoint in migrate's transaction
             # No arguments: asyncpg sends the simple query protocol, so a file may hold many
             # statements. They commit or roll back together with the schema_migrations row.
             await conn.execute(migration.sql)
@@ -240,10 +272,11 @@ async def _holder(conn: Any) -> str:
 
 
 async def _lock(conn: Any, timeout: float) -> None:
-    """Take ``LOCK_KEY`` for this session, trying until ``timeout`` seconds have passed."""
+    """Take ``LOCK_KEY`` for the open transaction, trying until ``timeout`` seconds have
+    passed. The transaction's end releases it."""
     deadline = time.monotonic() + timeout
     pause = 0.05
-    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_KEY):
+    while not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_KEY):
         left = deadline - time.monotonic()
         if left <= 0:
             raise MigrationError(
@@ -254,43 +287,75 @@ async def _lock(conn: Any, timeout: float) -> None:
 
 
 async def migrate(dsn: str, directory: Path | None = None, *,
-                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[int]:
+                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+                  statement_cache_size: int | None = None) -> list[int]:
     """Apply every pending migration in order; return the versions applied by this call.
 
-    Safe to call from many nodes at once: the work runs under a session-level advisory lock
-    (``LOCK_KEY``) on one connection, and whoever comes second finds nothing left to do. The
-    lock is tried until ``lock_timeout`` seconds have passed; then ``MigrationError`` names
-    the session holding it. Each file runs in its own transaction; when one fails, the ones
-    before it stay applied, that one is rolled back and ``MigrationError`` names it with
-    PostgreSQL's message.
+    Safe to call from many nodes at once: the work runs in one transaction holding a
+    transaction-level advisory lock (``LOCK_KEY``), and whoever comes second finds nothing left
+    to do. The lock is tried until ``lock_timeout`` seconds have passed; then
+    ``MigrationError`` names the session holding it. Each file runs in a savepoint of its own;
+    when one fails, that one is rolled back, the ones before it are committed and stay
+    applied, and ``MigrationError`` names it with PostgreSQL's message.
+    ``statement_cache_size=0`` behind PgBouncer (stampflow.connections.connect_options).
     """
     migrations = discover(directory if directory is not None else default_migrations_dir())
-    conn = await _connect(dsn)
+    address = _address(dsn)
+    conn = await _connect(dsn, statement_cache_size)
+    outer = conn.transaction()
     try:
         try:
-            # Session-level, so it spans the per-file transactions. Closing the connection (also
-            # on an error or a cancelled task) releases it as well.
+            await outer.start()
+            # Transaction-level: it spans the files' savepoints, and ends with the transaction
+            # (committed, rolled back, or the connection closed on an error or a cancel).
             await _lock(conn, lock_timeout)
             await conn.execute(_CREATE_TABLE)
             applied = await _applied(conn)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-            raise _failure(exc, _address(dsn), "schema_migrations: cannot lock or read it: "
-                                      f"{_one_line(str(exc))}") from exc
+            raise _failure(exc, address, "schema_migrations: cannot lock or read it: "
+                                         f"{_one_line(str(exc))}") from exc
         _check_unchanged(migrations, {v: checksum for v, (checksum, _) in applied.items()})
         done: list[int] = []
-        for migration in migrations:
-            if migration.version in applied:
-                continue
-            await _apply(conn, migration, _address(dsn))
-            done.append(migration.version)
-        await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_KEY)
+        try:
+            for migration in migrations:
+                if migration.version in applied:
+                    continue
+                await _apply(conn, migration, address)
+                done.append(migration.version)
+        except DatabaseUnreachable:
+            raise
+        except MigrationError:
+            await _commit(outer, address)  # the files before the failed one stay applied
+            raise
+        await _commit(outer, address)
         return done
     finally:
-        await _close(conn)
+        await _close(conn)  # a transaction still open is rolled back, and its lock released
+
+
+async def _commit(transaction: Any, address: str) -> None:
+    try:
+        await transaction.commit()
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        raise _failure(exc, address, "schema_migrations: the migrations could not be "
+                                     f"committed: {_one_line(str(exc))}") from exc
+
+
+async def check_current(dsn: str, directory: Path | None = None, *,
+                        statement_cache_size: int | None = None) -> None:
+    """Raise :class:`SchemaBehind` while a migration on disk is not applied yet (a
+    ServiceUnavailable: a starting node waits for `stampflow migrate`), ``MigrationError``
+    when an applied file changed, :class:`DatabaseUnreachable` when PostgreSQL cannot be
+    reached. Read-only, like :func:`status`; migrations newer than these files are fine (a
+    newer node migrated first)."""
+    found = await status(dsn, directory, statement_cache_size=statement_cache_size)
+    pending = [migration for migration, applied_at in found if applied_at is None]
+    if pending:
+        raise SchemaBehind(_address(dsn), pending)
 
 
 async def status(
-    dsn: str, directory: Path | None = None
+    dsn: str, directory: Path | None = None, *, statement_cache_size: int | None = None
 ) -> list[tuple[Migration, datetime | None]]:
     """Each migration on disk with the time it was applied, or ``None`` while it is pending.
 
@@ -298,7 +363,7 @@ async def status(
     ``MigrationError`` just as ``migrate`` would.
     """
     migrations = discover(directory if directory is not None else default_migrations_dir())
-    conn = await _connect(dsn)
+    conn = await _connect(dsn, statement_cache_size)
     try:
         exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
         applied = await _applied(conn) if exists else {}

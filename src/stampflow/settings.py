@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,8 +31,28 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".stampflow")
     # External services. A password in the URL is never logged: stampflow.observability.redact
     # hides it in every log line and error message.
+    # TLS to PostgreSQL goes in the URL: ?sslmode=verify-full&sslrootcert=/path/ca.pem
     database_url: SecretStr | None = None
     bootstrap_servers: str | None = None
+    # Connections each node's pool may open to PostgreSQL (one is kept open).
+    database_pool_size: int = Field(default=4, ge=1, le=1000)
+    # Behind PgBouncer in transaction pooling: no prepared-statement cache (asyncpg's
+    # statement_cache_size=0); migrations hold their lock in a transaction either way.
+    database_pgbouncer: bool = False
+    # Apply migrations when a node starts (the laptop default). False: a node waits, logging,
+    # until `stampflow migrate` has brought the schema up to date (stampflow.migrate
+    # .check_current), so production runs migrations as a separate step.
+    migrate_on_start: bool = True
+    # Kafka security (external brokers): stampflow.connections turns these into aiokafka's
+    # arguments for every producer, consumer and admin client.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = \
+        "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None  # else the system's CAs
+    kafka_ssl_certfile: Path | None = None  # a client certificate (mutual TLS), PEM
+    kafka_ssl_keyfile: Path | None = None  # its key, PEM
 
     # How long `stampflow migrate` (and every node starting) waits for the migration lock
     # before it gives up, naming the session that holds it.
@@ -42,6 +63,8 @@ class Settings(BaseSettings):
 
     topic_prefix: str = "stampflow"
     topic_partitions: int = Field(default=4, ge=1, le=256)
+    # Replicas of each topic stampflow creates (1 on the embedded broker; 3 on most clusters).
+    topic_replication_factor: int = Field(default=1, ge=1, le=32)
     consumer_group_prefix: str = "stampflow"
 
     # Stamping
@@ -120,8 +143,12 @@ class Settings(BaseSettings):
     # Freeze the start-up heap and collect garbage less often once the nodes run (app.tune_gc).
     gc_tuning: bool = True
 
-    # Ports for /metrics, /healthz and /readyz (0: pick a free one)
-    http_port: int = Field(default=0, ge=0, le=65535)
+    # Where /metrics, /healthz and /readyz listen. 127.0.0.1 keeps them off the network on a
+    # laptop; containers set 0.0.0.0 (the Dockerfile does) so probes from outside reach them.
+    http_host: str = "127.0.0.1"
+    # 9464 by default; several node processes on one machine need distinct ports (0: any
+    # free port, logged at start-up).
+    http_port: int = Field(default=9464, ge=0, le=65535)
     log_level: str = "INFO"
     log_format: str = "json"  # json | console
 
@@ -131,6 +158,15 @@ class Settings(BaseSettings):
         if not value or value.startswith(".") or value.endswith("."):
             raise ValueError("must be non-empty and not start or end with '.'")
         return value
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        from stampflow.connections import kafka_problem
+
+        problem = kafka_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @property
     def requests_topic(self) -> str:

@@ -79,6 +79,9 @@ def _shown(field: str) -> str:
 
 
 def _setting_problem(problem: Any) -> str:
+    if not problem["loc"] and problem["type"] == "value_error":
+        # A check across settings (the Kafka security ones): its message names them.
+        return str((problem.get("ctx") or {}).get("error", problem["msg"]))
     field = str(problem["loc"][0]) if problem["loc"] else "?"
     ctx = problem.get("ctx") or {}
     kind = problem["type"]

@@ -26,8 +26,9 @@ def dlq_list(topic: TopicOpt = "requests",
     from stampflow.dlq import read_dead_letters
 
     s = settings()
-    letters = run(read_dead_letters(endpoints_for(s).bootstrap_servers, _topic(s, topic),
-                                    limit=limit))
+    endpoints = endpoints_for(s)
+    letters = run(read_dead_letters(endpoints.bootstrap_servers, _topic(s, topic),
+                                    limit=limit, kafka=endpoints.kafka))
     table = Table("dlq offset", "from", "failed at", "node", "error", "value")
     for d in letters:
         table.add_row(*map(_text, (f"{d.dlq_partition}:{d.dlq_offset}",
@@ -56,7 +57,8 @@ def dlq_replay(
     target = _topic(s, to)
     endpoints = endpoints_for(s)
     source = _topic(s, topic)
-    letters = run(read_dead_letters(endpoints.bootstrap_servers, source))
+    letters = run(read_dead_letters(endpoints.bootstrap_servers, source,
+                                    kafka=endpoints.kafka))
     if offset:
         wanted = set(offset)
         letters = [d for d in letters if f"{d.dlq_partition}:{d.dlq_offset}" in wanted]
@@ -65,7 +67,7 @@ def dlq_replay(
             raise StampflowError(f"{', '.join(sorted(wanted - found))}: no such dead letter in "
                                  f"{dlq_topic(source)}")
     done = run(replay(endpoints.bootstrap_servers, endpoints.database_url, dlq_topic(source),
-                      letters, target, force=force))
+                      letters, target, force=force, kafka=endpoints.kafka))
     for skipped in done.skipped:
         d = skipped.letter
         hint = " (--force replays it again)" if skipped.reason.startswith("replayed") else ""

@@ -20,15 +20,17 @@ def migrate_cmd(
 ) -> None:
     """Apply pending SQL migrations (safe to run from several nodes at once)."""
     from stampflow import migrate as migrations
+    from stampflow.connections import connect_options
 
     s = settings()
     url = endpoints_for(s, need_broker=False).database_url
     if status:
-        for migration, applied_at in run(migrations.status(url)):
+        for migration, applied_at in run(migrations.status(url, **connect_options(s))):
             when = applied_at.isoformat() if applied_at else "pending"
             out.print(f"{migration.version:04d}  {migration.name:<30} {when}")
         return
-    applied = run(migrations.migrate(url, lock_timeout=lock_timeout or s.migrate_lock_timeout))
+    applied = run(migrations.migrate(url, lock_timeout=lock_timeout or s.migrate_lock_timeout,
+                                     **connect_options(s)))
     out.print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
 
 

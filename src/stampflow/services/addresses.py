@@ -7,9 +7,10 @@ that read or rewrite a PostgreSQL URL without showing its credentials, and the T
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit, urlunsplit
 
+from stampflow.connections import PLAINTEXT, KafkaOptions, kafka_options
 from stampflow.errors import StampflowError
 from stampflow.observability import redact
 from stampflow.settings import Settings
@@ -17,10 +18,13 @@ from stampflow.settings import Settings
 
 @dataclass(frozen=True)
 class Endpoints:
-    """Where PostgreSQL and the Kafka-protocol broker are. ``repr`` hides any password."""
+    """Where PostgreSQL and the Kafka-protocol broker are, and how clients reach the broker
+    (``kafka``: TLS and SASL options; plaintext to the embedded broker by default). ``repr``
+    hides any password."""
 
     database_url: str
     bootstrap_servers: str
+    kafka: KafkaOptions = field(default=PLAINTEXT)
 
     def with_database(self, database_url: str) -> Endpoints:
         return replace(self, database_url=database_url)
@@ -30,7 +34,7 @@ class Endpoints:
 
     def __repr__(self) -> str:
         return (f"Endpoints(database_url={redact(self.database_url)!r}, "
-                f"bootstrap_servers={self.bootstrap_servers!r})")
+                f"bootstrap_servers={self.bootstrap_servers!r}, kafka={self.kafka!r})")
 
 
 def database_address(url: str) -> str:
@@ -65,8 +69,8 @@ def _port_accepts(port: int) -> bool:
 
 
 def external_endpoints(settings: Settings, *, need_broker: bool = True) -> Endpoints:
-    """Endpoints of services already running, from settings. A command that only queries
-    PostgreSQL passes ``need_broker=False``."""
+    """Endpoints of services already running, from settings, with the Kafka security
+    options they name. A command that only queries PostgreSQL passes ``need_broker=False``."""
     database_url = settings.database_url.get_secret_value() if settings.database_url else ""
     wanted = [("STAMPFLOW_DATABASE_URL", database_url)]
     if need_broker:
@@ -74,4 +78,4 @@ def external_endpoints(settings: Settings, *, need_broker: bool = True) -> Endpo
     missing = [name for name, value in wanted if not value.strip()]
     if missing:
         raise StampflowError(f"external services need {' and '.join(missing)} to be set")
-    return Endpoints(database_url, settings.bootstrap_servers or "")
+    return Endpoints(database_url, settings.bootstrap_servers or "", kafka_options(settings))

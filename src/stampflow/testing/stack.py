@@ -19,6 +19,7 @@ import asyncpg
 from stampflow.app import NODE_NAMES, RunningNodes, run_nodes
 from stampflow.bus import make_consumer
 from stampflow.client import Client
+from stampflow.connections import KafkaOptions
 from stampflow.contracts.nodes import NodeContract
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
@@ -30,7 +31,7 @@ def settings_for(endpoints: Endpoints, topic_prefix: str, content_root: Path,
         services="external", database_url=endpoints.database_url,
         bootstrap_servers=endpoints.bootstrap_servers, topic_prefix=topic_prefix,
         consumer_group_prefix=topic_prefix, content_root=content_root,
-        log_level="WARNING", **overrides,
+        log_level="WARNING", **{"http_port": 0, **overrides},
     )
 
 
@@ -104,9 +105,9 @@ async def aggregates(url: str) -> dict[str, dict[str, Any]]:
 
 
 async def read_topic(bootstrap: str, topic: str, expect: int, timeout: float = 30.0,
-                     ) -> list[Any]:
+                     *, kafka: KafkaOptions | None = None) -> list[Any]:
     """Every record of ``topic`` until ``expect`` were read (a fresh group, from earliest)."""
-    consumer = make_consumer(bootstrap, [topic], f"reader-{os.urandom(4).hex()}")
+    consumer = make_consumer(bootstrap, [topic], f"reader-{os.urandom(4).hex()}", kafka=kafka)
     await consumer.start()
     records: list[Any] = []
     try:
@@ -136,6 +137,8 @@ class NodeProcess:
             "STAMPFLOW_TOPIC_PREFIX": settings.topic_prefix,
             "STAMPFLOW_CONSUMER_GROUP_PREFIX": settings.consumer_group_prefix,
             "STAMPFLOW_CONTENT_ROOT": str(settings.content_root),
+            # Several node processes on this machine: each its own port (0: any free one).
+            "STAMPFLOW_HTTP_PORT": str(settings.http_port),
             "STAMPFLOW_LOG_LEVEL": "INFO",
             **(extra_env or {}),
         })
