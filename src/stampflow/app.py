@@ -18,9 +18,10 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from stampflow.bus import KafkaPublisher, ensure_topics, make_consumer, started_producer
+from stampflow.connections import connect_options, pool_options
 from stampflow.contracts.nodes import IoPolicy, NodeContract, RetryPolicy, load_contracts
 from stampflow.errors import ServiceUnavailable
-from stampflow.migrate import migrate
+from stampflow.migrate import check_current, migrate
 from stampflow.nodes import pgerrors
 from stampflow.nodes.orchestrator.core import Limits, OrchestratorCore
 from stampflow.nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
@@ -60,9 +61,17 @@ class RunningNodes:
 
 
 async def prepare(settings: Settings, endpoints: Endpoints) -> None:
-    """Topics and schema: idempotent, safe for several nodes starting together."""
-    await ensure_topics(endpoints.bootstrap_servers, settings.topics, settings.topic_partitions)
-    await migrate(endpoints.database_url, lock_timeout=settings.migrate_lock_timeout)
+    """Topics and schema: idempotent, safe for several nodes starting together. With
+    ``migrate_on_start`` off, the schema is only checked: a node waits (logging) until
+    `stampflow migrate` has run, so its role needs no DDL rights."""
+    await ensure_topics(endpoints.bootstrap_servers, settings.topics, settings.topic_partitions,
+                        replication_factor=settings.topic_replication_factor,
+                        kafka=endpoints.kafka)
+    if settings.migrate_on_start:
+        await migrate(endpoints.database_url, lock_timeout=settings.migrate_lock_timeout,
+                      **connect_options(settings))
+    else:
+        await check_current(endpoints.database_url, **connect_options(settings))
 
 
 # A service that cannot be reached *yet*: a node started during an outage (or restarted in
@@ -144,7 +153,7 @@ async def run_nodes(
         return running
     async with AsyncExitStack() as stack:
         def start_producer() -> Awaitable[AIOKafkaProducer]:
-            return started_producer(endpoints.bootstrap_servers,
+            return started_producer(endpoints.bootstrap_servers, kafka=endpoints.kafka,
                                     max_request_size=settings.max_message_bytes)
 
         producer = await until_ready("producer", start_producer, stop)
@@ -168,22 +177,23 @@ async def run_nodes(
         if "reducer" in nodes:
             timeout_s = contracts["reducer"].io_policy.timeout_ms / 1000.0
             pool = await until_ready("database pool", lambda: asyncpg.create_pool(
-                endpoints.database_url, min_size=1, max_size=4, timeout=10.0,
-                command_timeout=timeout_s), stop)
+                endpoints.database_url,
+                **pool_options(settings, timeout=10.0, command_timeout=timeout_s)), stop)
             if pool is None:
                 return running
             stack.push_async_callback(_close_pool, pool)
             reducer = build_reducer(settings, endpoints, contracts, publisher, pool)
             running.reducers.append(reducer)
             tasks.append(asyncio.create_task(reducer.run(stop), name="reducer"))
-        health = HealthServer(running.ready, port=settings.http_port)
+        health = HealthServer(running.ready, host=settings.http_host, port=settings.http_port)
         await health.start()
         running.health = health
         stack.push_async_callback(bounded, health.stop(), "health server stop", 3.0,
                                   log.warning)
         if settings.gc_tuning:
             tune_gc()
-        log.info("nodes running", nodes=list(nodes), health_port=health.port)
+        log.info("nodes running", nodes=list(nodes), health_host=settings.http_host,
+                 health_port=health.port)
         if started is not None:
             started.set()
         try:
@@ -253,7 +263,7 @@ def build_worker(
 
     def consumer_factory(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
         # Generation is slow: a worker holding a full batch must not be thought dead.
-        consumer = make_consumer(endpoints.bootstrap_servers, [], group,
+        consumer = make_consumer(endpoints.bootstrap_servers, [], group, kafka=endpoints.kafka,
                                  max_poll_interval_ms=600_000)
         consumer.subscribe([settings.jobs_topic], listener=listener)
         return consumer
@@ -280,7 +290,7 @@ def build_orchestrator(
     group = f"{settings.consumer_group_prefix}-orchestrator"
 
     def consumer_factory(listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
-        consumer = make_consumer(endpoints.bootstrap_servers, [], group)
+        consumer = make_consumer(endpoints.bootstrap_servers, [], group, kafka=endpoints.kafka)
         consumer.subscribe([settings.requests_topic, settings.results_topic],
                            listener=listener)
         return consumer
@@ -313,7 +323,7 @@ def build_reducer(
     batching = contract.io_policy.batching
     consumer = make_consumer(
         endpoints.bootstrap_servers, [settings.events_topic], group,
-        max_poll_records=settings.reducer_batch_max,
+        max_poll_records=settings.reducer_batch_max, kafka=endpoints.kafka,
     )
     return Reducer(
         contract=contract,

@@ -121,7 +121,8 @@ def _str(value: object | None) -> str | None:
 
 
 def kafka_options(settings: Settings) -> KafkaOptions:
-    """The Kafka client options that settings name, for an external broker."""
+    """The Kafka client options that settings name, for an external broker (Tansu's
+    workaround only with ``kafka_tansu``)."""
     password = settings.kafka_sasl_password
     return KafkaOptions(
         security_protocol=settings.kafka_security_protocol,
@@ -131,7 +132,7 @@ def kafka_options(settings: Settings) -> KafkaOptions:
         ssl_cafile=_str(settings.kafka_ssl_cafile),
         ssl_certfile=_str(settings.kafka_ssl_certfile),
         ssl_keyfile=_str(settings.kafka_ssl_keyfile),
-        tansu=False,
+        tansu=settings.kafka_tansu,
     )
 
 

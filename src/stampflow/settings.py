@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None  # else the system's CAs
     kafka_ssl_certfile: Path | None = None  # a client certificate (mutual TLS), PEM
     kafka_ssl_keyfile: Path | None = None  # its key, PEM
+    # The external broker is Tansu (the embedded one, run elsewhere): apply stampflow's Tansu
+    # workaround (leave a group in generation 0 on stop, so the next member does not wait out
+    # the session). It reaches into aiokafka's internals, so it is off for any other broker.
+    kafka_tansu: bool = False
 
     # How long `stampflow migrate` (and every node starting) waits for the migration lock
     # before it gives up, naming the session that holds it.

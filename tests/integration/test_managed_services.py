@@ -459,3 +459,49 @@ async def test_check_current_waits_for_stampflow_migrate(fresh_database_url: str
     await check_current(fresh_database_url, folder)
     # a migration newer than this node's files (a newer node migrated first) is fine
     await check_current(fresh_database_url, tmp_path)
+
+
+async def test_a_node_that_does_not_migrate_waits_for_stampflow_migrate(
+    services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """STAMPFLOW_MIGRATE_ON_START=false: a node on an empty database creates nothing, is not
+    ready and says why; once `stampflow migrate` has run it starts by itself."""
+    import urllib.request
+
+    from stampflow.testing.stack import NodeProcess, settings_for, wait_for
+
+    endpoints = services.endpoints.with_database(fresh_database_url)
+    port = free_port()
+    settings = settings_for(endpoints, topic_prefix, tmp_path, http_port=port,
+                            migrate_on_start=False)
+    log = tmp_path / "reducer.log"
+    node = NodeProcess("reducer", settings, log,
+                       extra_env={"STAMPFLOW_MIGRATE_ON_START": "false"})
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    async def tables() -> int:
+        conn = await asyncpg.connect(fresh_database_url)
+        try:
+            return int(await conn.fetchval(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"))
+        finally:
+            await conn.close()
+
+    try:
+        await wait_for(lambda: asyncio.to_thread(lambda: "stampflow migrate" in log.read_text(
+            errors="replace")), 60, "the node saying it waits for `stampflow migrate`")
+        assert node.proc.poll() is None, "the node exited instead of waiting"
+        assert not await asyncio.to_thread(ready)
+        assert await tables() == 0, "a node with migrate_on_start off changed the schema"
+        await migrate(fresh_database_url)
+        await wait_for(lambda: asyncio.to_thread(ready), 60, "the node ready after migrate")
+        code, _ = await asyncio.to_thread(node.terminate, 30.0)
+        assert code == 0
+    finally:
+        node.kill()

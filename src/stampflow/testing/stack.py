@@ -31,7 +31,9 @@ def settings_for(endpoints: Endpoints, topic_prefix: str, content_root: Path,
         services="external", database_url=endpoints.database_url,
         bootstrap_servers=endpoints.bootstrap_servers, topic_prefix=topic_prefix,
         consumer_group_prefix=topic_prefix, content_root=content_root,
-        log_level="WARNING", **{"http_port": 0, **overrides},
+        log_level="WARNING",
+        # the test services' broker is Tansu, embedded or in a container
+        **{"http_port": 0, "kafka_tansu": endpoints.kafka.tansu, **overrides},
     )
 
 
@@ -139,6 +141,7 @@ class NodeProcess:
             "STAMPFLOW_CONTENT_ROOT": str(settings.content_root),
             # Several node processes on this machine: each its own port (0: any free one).
             "STAMPFLOW_HTTP_PORT": str(settings.http_port),
+            "STAMPFLOW_KAFKA_TANSU": str(settings.kafka_tansu).lower(),
             "STAMPFLOW_LOG_LEVEL": "INFO",
             **(extra_env or {}),
         })
