@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from stampflow.bus import KafkaPublisher, ensure_topics, make_consumer, started_producer
 from stampflow.connections import connect_options, pool_options
 from stampflow.contracts.nodes import IoPolicy, NodeContract, RetryPolicy, load_contracts
-from stampflow.errors import ServiceUnavailable
+from stampflow.errors import ServiceUnavailable, StampflowError
 from stampflow.migrate import check_current, migrate
 from stampflow.nodes import pgerrors
 from stampflow.nodes.orchestrator.core import Limits, OrchestratorCore
@@ -185,8 +185,7 @@ async def run_nodes(
             reducer = build_reducer(settings, endpoints, contracts, publisher, pool)
             running.reducers.append(reducer)
             tasks.append(asyncio.create_task(reducer.run(stop), name="reducer"))
-        health = HealthServer(running.ready, host=settings.http_host, port=settings.http_port)
-        await health.start()
+        health = await start_health(running, settings)
         running.health = health
         stack.push_async_callback(bounded, health.stop(), "health server stop", 3.0,
                                   log.warning)
@@ -202,6 +201,26 @@ async def run_nodes(
             for task in tasks:
                 task.cancel()
     return running
+
+
+async def start_health(running: RunningNodes, settings: Settings) -> HealthServer:
+    """/healthz, /readyz and /metrics on ``http_host:http_port``. Several nodes on one
+    machine (`stampflow run` each) cannot all have the default port: a node left on the
+    default takes any free one and says which; a port set on purpose that is taken is an
+    error."""
+    health = HealthServer(running.ready, host=settings.http_host, port=settings.http_port)
+    try:
+        await health.start()
+    except OSError as err:
+        if "http_port" in settings.model_fields_set or settings.http_port == 0:
+            raise StampflowError(f"STAMPFLOW_HTTP_PORT={settings.http_port}: cannot listen on "
+                                 f"{settings.http_host}:{settings.http_port}: "
+                                 f"{err.strerror or err}") from None
+        health = HealthServer(running.ready, host=settings.http_host, port=0)
+        await health.start()
+        log.warning("the default health port is taken (another node on this machine?); "
+                    "listening on another", default=settings.http_port, port=health.port)
+    return health
 
 
 async def _close_pool(pool: asyncpg.Pool) -> None:
