@@ -405,3 +405,34 @@ def _count_steps(pipe: object) -> list[int]:
     pipe.transformer.register_forward_hook(  # type: ignore[attr-defined]
         lambda *_: calls.append(1))
     return calls
+
+
+async def test_a_request_that_finds_the_worker_idle_does_not_wait_for_a_batch(
+    tiny_dir: Path, tmp_path: Path,
+) -> None:
+    """With the shipped contract, a lone request starts at once: requests that arrive while
+    the engine is busy form the next batch by themselves, so a window would only add latency
+    (it added 50-60 ms to every lone request)."""
+    node = _node(tiny_dir, tmp_path)  # the built-in contract's batching, unchanged
+    try:
+        await node.generate(_request("warm up"), seed=0, owner=_workflow())  # loads the model
+        waits = []
+        for i in range(5):
+            outcome = await node.generate(_request(f"alone {i}"), seed=i, owner=_workflow())
+            assert isinstance(outcome, GenerationSucceeded), outcome
+            waits.append(outcome.result.timings_ms["queue_wait"])
+    finally:
+        await node.aclose()
+    assert sorted(waits)[2] < 20.0, waits  # the median, in ms
+
+    # while the engine is busy, what arrives meanwhile still goes out as one batch
+    node = _node(tiny_dir, tmp_path)
+    try:
+        await node.generate(_request("warm up"), seed=0, owner=_workflow())
+        outcomes = await asyncio.gather(*(
+            node.generate(_request(f"burst {i}"), seed=i, owner=_workflow())
+            for i in range(5)))
+    finally:
+        await node.aclose()
+    sizes = sorted(o.result.batch_size for o in outcomes if isinstance(o, GenerationSucceeded))
+    assert len(sizes) == 5 and sizes[-1] >= 4, sizes
