@@ -31,7 +31,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def test_stamp_workflow_p95_and_transition_time(
+async def test_workflow_p95_ms_and_transition_max_ms(
     services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     assert ORCH.workflow_p95_ms is not None and ORCH.transition_max_ms is not None
@@ -74,10 +74,13 @@ async def test_stamp_workflow_p95_and_transition_time(
         steps = list(stack.nodes.orchestrators[0].transition_seconds)
     p50, p95 = percentile(latencies, 0.5) * 1000, percentile(latencies, 0.95) * 1000
     print(f"stamp workflow end to end over {n}: p50 {p50:.1f} ms, p95 {p95:.1f} ms")
-    assert p95 < ORCH.workflow_p95_ms, f"p95 {p95:.1f} ms (p50 {p50:.1f} ms)"
+    assert p95 < ORCH.workflow_p95_ms, f"workflow_p95_ms: p95 {p95:.1f} ms (p50 {p50:.1f} ms)"
     assert len(steps) >= 4 * n
-    p99_step = percentile(steps, 0.99) * 1000
-    assert p99_step < ORCH.transition_max_ms, f"FSM transition p99 {p99_step:.3f} ms"
+    # a maximum is a maximum: the slowest transition of them all, not a percentile
+    slowest = max(steps) * 1000
+    assert slowest < ORCH.transition_max_ms, (
+        f"transition_max_ms: the slowest FSM transition took {slowest:.3f} ms "
+        f"(p99 {percentile(steps, 0.99) * 1000:.3f} ms)")
 
 
 async def test_reducer_batches_hold_a_thousand_under_load(
