@@ -51,6 +51,7 @@ from stampflow.nodes.deadletter import parse_dead_letter
 from stampflow.services import Endpoints
 from stampflow.testing.faultproxy import Fault as ProxyFault
 from stampflow.testing.faultproxy import FaultProxy
+from stampflow.testing.s3 import moto_server
 from stampflow.testing.stack import NodeProcess, settings_for
 
 MAX_CONTENT = 64 * 1024  # the campaign's STAMPFLOW_MAX_CONTENT_BYTES: too_large is cheap to hit
@@ -705,66 +706,15 @@ async def _stall_evidence(bootstrap: str, group_prefix: str, topics: dict[str, s
     return "\n" + "\n".join(out)
 
 
-def moto_server_command() -> list[str] | None:
-    """How to run moto's S3-API server (``pip install 'moto[server]'``): the program named by
-    $STAMPFLOW_TEST_MOTO_SERVER, ``moto_server`` beside this Python or on PATH, or moto
-    importable here. None when there is none."""
-    import importlib.util
-    import shutil
-
-    if explicit := os.environ.get("STAMPFLOW_TEST_MOTO_SERVER"):
-        return [explicit]
-    beside = Path(sys.executable).parent / "moto_server"
-    if beside.is_file():
-        return [str(beside)]
-    if found := shutil.which("moto_server"):
-        return [found]
-    if importlib.util.find_spec("moto") is not None:
-        return [sys.executable, "-m", "moto.server"]
-    return None
-
-
 @contextlib.contextmanager
 def s3_server(log: Path, bucket: str = "tansu") -> Iterator[dict[str, str]]:
     """moto's S3-API server on 127.0.0.1 with ``bucket`` created; yields the environment that
     points Tansu's S3 storage at it (``EmbeddedBroker(storage_env=...)``)."""
-    import socket
-    import urllib.request
-
-    from stampflow.services import free_port
-
-    command = moto_server_command()
-    if command is None:
-        raise RuntimeError("no moto server: pip install 'moto[server]', or name one in "
-                           "STAMPFLOW_TEST_MOTO_SERVER")
-    port = free_port()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start: {_log_tail(log)}") from None
-                time.sleep(0.1)
-        urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - loopback
-            f"http://127.0.0.1:{port}/{bucket}", method="PUT"), timeout=10).close()
-        yield {"AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true",
+    with moto_server(log) as server:
+        server.create_bucket(bucket)
+        yield {"AWS_ENDPOINT": server.endpoint_url, "AWS_ALLOW_HTTP": "true",
                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                "AWS_DEFAULT_REGION": "us-east-1"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def nodes_peak_rss(nodes: Nodes) -> dict[str, float]:

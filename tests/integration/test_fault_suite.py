@@ -12,10 +12,10 @@ import pytest
 
 from stampflow.services import EmbeddedBroker, Endpoints
 from stampflow.testing.pytest_plugin import Services
+from stampflow.testing.s3 import moto_server_command
 from tests.integration.campaign import (
     Config,
     make_plan,
-    moto_server_command,
     run_campaign,
     s3_server,
 )

@@ -21,7 +21,8 @@ from stampflow.nodes.objectstore import (
     content_key,
 )
 from stampflow.nodes.stamping import StampError, StampingNode
-from stampflow.testing.pytest_plugin import S3Server, Services
+from stampflow.testing.pytest_plugin import Services
+from stampflow.testing.s3 import S3Server
 from stampflow.testing.stack import fetch, finished_count, running_stack, settings_for, wait_for
 
 pytestmark = pytest.mark.integration

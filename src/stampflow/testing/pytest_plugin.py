@@ -17,18 +17,12 @@ through fault proxies), ``s3_server`` (:class:`S3Server`: moto's S3-API server, 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +31,6 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from stampflow.errors import StampflowError
-from stampflow.nodes.objectstore import S3Options
 from stampflow.services import (
     EmbeddedBroker,
     EmbeddedPostgres,
@@ -52,6 +45,7 @@ from stampflow.services import (
 from stampflow.settings import ServiceSource, Settings
 from stampflow.testing.containers import ContainerServer, container_services, docker_answers
 from stampflow.testing.faultproxy import FaultProxy
+from stampflow.testing.s3 import S3Server, moto_server, moto_server_command
 
 SOURCES = tuple(s.value for s in ServiceSource)
 
@@ -205,56 +199,14 @@ def tiny_flux_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- an S3-API server (object storage tests) -----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class S3Server:
-    """moto's S3-API server on 127.0.0.1, in a process of its own (so that a test measuring
-    its own memory does not count the server's): ``options`` reach it; ``create_bucket``."""
-
-    endpoint_url: str
-
-    @property
-    def options(self) -> S3Options:
-        return S3Options(endpoint_url=self.endpoint_url, region="us-east-1", allow_http=True,
-                         access_key_id="test", secret_access_key="test")
-
-    def create_bucket(self, name: str) -> str:
-        """Create bucket ``name`` (moto accepts an unsigned request); returns the name."""
-        request = urllib.request.Request(f"{self.endpoint_url}/{name}", method="PUT")
-        urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 - loopback
-        return name
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto server (``pip install 'moto[server]'``) for the session; skipped without moto."""
-    if importlib.util.find_spec("moto") is None:
+    if moto_server_command() is None:
         pytest.skip("no S3-API server: pip install 'moto[server]'")
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not _port_open(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                pytest.fail(f"moto server did not start on port {port}: {tail}", pytrace=False)
-            time.sleep(0.1)
-        yield S3Server(f"http://127.0.0.1:{port}")
-    finally:
-        proc.terminate()
+    with ExitStack() as stack:
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+            server = stack.enter_context(moto_server(tmp_path_factory.mktemp("moto") / "moto.log"))
+        except RuntimeError as err:
+            pytest.fail(str(err), pytrace=False)
+        yield server
