@@ -22,6 +22,7 @@ from blake3 import blake3
 
 from stampflow.app import prepare
 from stampflow.contracts.events import GenerationRequested
+from stampflow.inference.engine import decode_png
 from stampflow.services import free_port
 from stampflow.testing.pytest_plugin import Services
 from stampflow.testing.stack import (
@@ -238,21 +239,22 @@ async def _check_ground_truth(url: str, todo: list[tuple[str, object]]) -> None:
                                    "g.artifact_uri, w.hash AS recorded FROM generations g "
                                    "JOIN workflows w USING (workflow_id)")
     assert len(generations) == GENERATIONS
-    by_seed: dict[tuple[int, int], set[str]] = {}
+    by_seed: dict[int, dict[str, bytes]] = {}
     for g in generations:
         # the image the workflow records is the one in the store, whichever worker made it
         assert g["hash"] == g["recorded"]
         stored = await asyncio.to_thread(Path(urlsplit(g["artifact_uri"]).path).read_bytes)
         assert blake3(stored).hexdigest() == g["hash"]
-        by_seed.setdefault((g["seed"], g["batch_size"]), set()).add(g["hash"])
+        by_seed.setdefault(g["seed"], {})[g["hash"]] = stored
         want_stamps.setdefault(g["namespace"], set()).add(g["hash"])  # images are stamped too
-    # The same (prompt, seed) in a batch of the same size gives the same image, whichever
-    # worker ran it. Across batch sizes the batched kernels' float results may differ in the
-    # last bits (measured here: batch 1 and batch 8 gave different PNGs for one seed), so a job
-    # redone in another batch may store a second, slightly different image; the workflow still
-    # counts once and records the first (README, "Scaling out").
-    differ = {key: h for key, h in by_seed.items() if len(h) > 1}
-    assert not differ, differ
+    # The same (prompt, seed) gives the same picture, whichever worker ran it and in whatever
+    # batch. Not always the same bytes: batched kernels round differently by batch size and
+    # position (measured: a pixel channel one level apart), so a job redone in another batch
+    # may store a second PNG; its workflow still counts once and records the first.
+    for seed, images in by_seed.items():
+        pixels = [(decode_png(png) * 255).round().astype(int) for png in images.values()]
+        worst = max(int(abs(p - pixels[0]).max()) for p in pixels)
+        assert worst <= 2, f"seed {seed}: {len(images)} images up to {worst} levels apart"
     stamps = await fetch(url, "SELECT namespace, count(*) AS n FROM stamps GROUP BY namespace")
     assert {r["namespace"]: r["n"] for r in stamps} == {
         ns: len(h) for ns, h in want_stamps.items()}
