@@ -288,3 +288,22 @@ def test_fetch_wait_stays_put_when_idle_and_settles_back_when_records_flow() -> 
     for t in range(2000):
         p.after_poll(10, behind=False, now=100.0 + t)
     assert p.ms == 50  # back down to the floor, a tenth at a time
+
+
+def test_fetch_wait_does_not_settle_back_into_a_wait_that_starved() -> None:
+    from stampflow.nodes.consuming import FetchWaitPolicy
+
+    p = FetchWaitPolicy(50, ceiling_ms=2000, now=0.0)
+    t = 0.0
+    while p.ms < 400:  # starved at 50, 100 and 200 ms
+        t += 1.0
+        p.after_poll(0, behind=True, now=t)
+    for _ in range(2000):  # records flow: down, but not below twice the longest that starved
+        t += 0.01
+        p.after_poll(500, behind=False, now=t)
+    assert p.ms == 400
+    p.after_poll(0, behind=False, now=t + 1)  # caught up: nothing waiting
+    for _ in range(2000):
+        t += 0.01
+        p.after_poll(5, behind=False, now=t)
+    assert p.ms == 50
