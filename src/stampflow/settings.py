@@ -150,8 +150,8 @@ class Settings(BaseSettings):
     # Where /metrics, /healthz and /readyz listen. 127.0.0.1 keeps them off the network on a
     # laptop; containers set 0.0.0.0 (the Dockerfile does) so probes from outside reach them.
     http_host: str = "127.0.0.1"
-    # 9464 by default; several node processes on one machine need distinct ports (0: any
-    # free port, logged at start-up).
+    # 9464 by default. Several node processes on one machine: one left on the default takes a
+    # free port when it is taken (app.start_health); 0: any free port, logged at start-up.
     http_port: int = Field(default=9464, ge=0, le=65535)
     log_level: str = "INFO"
     log_format: str = "json"  # json | console
