@@ -131,13 +131,14 @@ async def test_campaign_under_an_outage_loses_nothing_and_every_node_survives(
 
 SIGTERM_WITHIN_S = 30.0
 BURST = 1500
+NODE_KINDS = ("orchestrator", "inference", "reducer")
 
 
 async def _warm_nodes(ps: Any, settings: Any, logs: Path) -> dict[str, NodeProcess]:
-    """An orchestrator and a reducer, each having finished one workflow."""
+    """An orchestrator and a reducer, each having finished one workflow, and an inference node
+    (every node kind meets the outage and the SIGTERM)."""
     await prepare(settings, ps.endpoints)
-    nodes = {node: NodeProcess(node, settings, logs / f"{node}.log")
-             for node in ("orchestrator", "reducer")}
+    nodes = {node: NodeProcess(node, settings, logs / f"{node}.log") for node in NODE_KINDS}
     async with Client(settings, ps.endpoints, source="test") as client:
         await client.submit_stamp("warm", content=b"warm-up")
     await _wait_done(ps.direct_database_url, 1, 90, nodes)
@@ -271,7 +272,7 @@ async def test_a_node_started_during_an_outage_waits_for_its_services(
     await _burst(ps, settings, 0, 200)
     with proxy.fault(fault, seconds=120):
         nodes = {node: NodeProcess(node, settings, tmp_path / f"{node}.log")
-                 for node in ("orchestrator", "reducer")}
+                 for node in NODE_KINDS}
         try:
             await asyncio.sleep(15)
             exited = {node: (proc.proc.poll(), proc.log_path.read_text(errors="replace")[-600:])

@@ -8,7 +8,6 @@ import contextlib
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from stampflow.nodes.objectstore import S3Options
 from stampflow.services import free_port
+from stampflow.services.addresses import _port_accepts
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def moto_server(log: Path, timeout: float = 30.0) -> Iterator[S3Server]:
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
-        while not _port_open(port):
+        while not _port_accepts(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"moto server did not start on port {port}: {tail}")
@@ -84,11 +84,3 @@ def moto_server(log: Path, timeout: float = 30.0) -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
