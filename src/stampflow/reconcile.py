@@ -2,7 +2,9 @@
 
 The reducer maintains ``namespace_aggregates`` and ``namespace_state_counts`` incrementally;
 this recomputes them from ``workflows``, ``stamps``, ``generations`` and ``anomalies`` in one
-snapshot, so a lost or doubled update shows up as a difference.
+snapshot, so a lost or doubled update shows up as a difference. What retention dropped with old
+partitions was added to ``namespace_retired`` in the same transaction as the drop, and counts
+here beside the rows that remain (the state counts cover the rows that remain).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ WITH ns AS (
     SELECT namespace FROM namespace_aggregates
     UNION SELECT namespace FROM workflows
     UNION SELECT namespace FROM stamps
+    UNION SELECT namespace FROM namespace_retired
 ), w AS (
     SELECT namespace, count(*) AS workflows,
            count(*) FILTER (WHERE state = 'completed') AS completed,
@@ -36,15 +39,19 @@ WITH ns AS (
     SELECT namespace, count(*) AS anomalies FROM anomalies GROUP BY namespace
 )
 SELECT ns.namespace,
-       coalesce(w.workflows, 0) AS workflows, coalesce(w.completed, 0) AS completed,
-       coalesce(w.failed, 0) AS failed, coalesce(w.duplicates, 0) AS duplicates,
+       coalesce(w.workflows, 0) + coalesce(r.workflows, 0) AS workflows,
+       coalesce(w.completed, 0) + coalesce(r.completed, 0) AS completed,
+       coalesce(w.failed, 0) + coalesce(r.failed, 0) AS failed,
+       coalesce(w.duplicates, 0) + coalesce(r.duplicates, 0) AS duplicates,
        coalesce(s.stamps, 0) AS stamps, coalesce(s.total_bytes, 0) AS total_bytes,
-       coalesce(g.generations, 0) AS generations, coalesce(g.total_pixels, 0) AS total_pixels,
-       coalesce(g.compute_seconds, 0) AS compute_seconds,
-       coalesce(a.anomalies, 0) AS anomalies
+       coalesce(g.generations, 0) + coalesce(r.generations, 0) AS generations,
+       coalesce(g.total_pixels, 0) + coalesce(r.total_pixels, 0) AS total_pixels,
+       coalesce(g.compute_seconds, 0) + coalesce(r.compute_seconds, 0) AS compute_seconds,
+       coalesce(a.anomalies, 0) + coalesce(r.anomalies, 0) AS anomalies
 FROM ns
 LEFT JOIN w USING (namespace) LEFT JOIN s USING (namespace)
 LEFT JOIN g USING (namespace) LEFT JOIN a USING (namespace)
+LEFT JOIN namespace_retired r USING (namespace)
 WHERE $1::text IS NULL OR ns.namespace = $1
 ORDER BY ns.namespace
 """

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     # Reducer
     reducer_batch_max: int = Field(default=5000, ge=1, le=100_000)  # the contract's cap too
     reducer_batch_wait_ms: int = Field(default=200, ge=1, le=60_000)
+    # History retention (workflows, transitions, generations, anomalies): whole day partitions
+    # older than this many days are dropped by the reducers; 0 keeps everything. Keep it
+    # longer than the events topic's retention (the exactly-once bookkeeping lives in the
+    # workflow rows: README, "Retention").
+    history_retention_days: int = Field(default=30, ge=0, le=36_500)
+    history_partitions_ahead: int = Field(default=3, ge=1, le=365)
+    history_maintenance_interval_s: float = Field(default=3600.0, ge=0)
 
     # Generation: model name -> local folder or Hugging Face repo id (looked up in the local
     # cache only), as JSON: STAMPFLOW_MODELS='{"tiny": "/models/tiny-flux"}'.

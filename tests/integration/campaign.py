@@ -752,7 +752,9 @@ async def _check(plan: Plan, settings: Any, endpoints: Endpoints, report: Report
         gens = await conn.fetch("SELECT g.namespace, g.hash, g.size, g.artifact_uri, "
                                 "w.request_id FROM generations g JOIN workflows w "
                                 "USING (workflow_id)")
-        processed = await conn.fetchval("SELECT count(*) FROM processed_events")
+        processed = await conn.fetchval(
+            "SELECT coalesce(sum(cardinality(applied_events)), 0) FROM workflows") \
+            + await conn.fetchval("SELECT count(*) FROM processed_events")
         anomalies = await conn.fetch("SELECT kind, detail FROM anomalies LIMIT 5")
     finally:
         await conn.close()

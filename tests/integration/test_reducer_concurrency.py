@@ -57,7 +57,9 @@ async def test_two_reducers_count_a_stamp_seen_by_both_once(fresh_database_url: 
             # the same content stamped by two workflows, each batch going to another reducer
             batches = [[e for d in digests for e in stamp_workflow(core, "shared", d)]
                        for _ in stores]
-            await asyncio.gather(*(s.apply(b) for s, b in zip(stores, batches, strict=True)))
+            # two partitions of the events topic: the reducers do not wait for each other
+            await asyncio.gather(*(s.apply(b, {("events", i)})
+                                   for i, (s, b) in enumerate(zip(stores, batches, strict=True))))
         rows = await fetch(fresh_database_url, """
             SELECT (SELECT count(*) FROM stamps WHERE namespace = 'shared') AS stamps,
                    (SELECT count(*) FROM workflows WHERE outcome = 'duplicate') AS dups,
@@ -68,6 +70,37 @@ async def test_two_reducers_count_a_stamp_seen_by_both_once(fresh_database_url: 
         assert row["stamps"] == total and row["dups"] == total
         assert (row["counted"], row["counted_dups"]) == (total, total), row
         assert row["completed"] == 2 * total
+        assert await reconcile(fresh_database_url) == []
+    finally:
+        for pool in pools:
+            await pool.close()
+
+
+async def test_two_reducers_given_one_partition_s_records_at_once_apply_them_once(
+    fresh_database_url: str,
+) -> None:
+    """A rebalance hands a partition to a new reducer while the old one still applies the
+    same records: each event must count once, whoever commits first."""
+    await migrate(fresh_database_url)
+    core = OrchestratorCore(ORCH, Limits(max_content_bytes=10))
+    pools = [await asyncpg.create_pool(fresh_database_url, min_size=2, max_size=2)
+             for _ in range(2)]
+    try:
+        stores = [ReducerStore(pool, FSMS) for pool in pools]
+        rounds, per_round = 8, 50
+        for _ in range(rounds):
+            batch = [e for _ in range(per_round)
+                     for e in stamp_workflow(core, "overlap", os.urandom(32).hex())]
+            results = await asyncio.gather(*(s.apply(batch, {("events", 0)}) for s in stores))
+            assert sorted(r.applied for r in results) == [0, len(batch)], results
+        rows = await fetch(fresh_database_url, """
+            SELECT (SELECT count(*) FROM workflows) AS workflows,
+                   (SELECT count(*) FROM workflow_transitions) AS transitions,
+                   a.workflows AS counted, a.completed, a.stamps
+            FROM namespace_aggregates a WHERE a.namespace = 'overlap'""")
+        total = rounds * per_round
+        assert dict(rows[0]) == {"workflows": total, "transitions": 4 * total,
+                                 "counted": total, "completed": total, "stamps": total}
         assert await reconcile(fresh_database_url) == []
     finally:
         for pool in pools:

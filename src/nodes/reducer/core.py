@@ -1,9 +1,15 @@
 """The reducer's pure core: ``reduce(state, events) -> (state, writes)``. No I/O, no awaits.
 
-The runner has already removed events applied before (exactly-once bookkeeping) and loaded
-the rows the batch touches into a :class:`ReducerState`. The core judges each transition against
-the FSM contracts, folds the batch into per-workflow rows and per-namespace deltas, and returns
-every write as plain data for one set-based transaction.
+The runner has loaded the rows the batch touches into a :class:`ReducerState`. The core skips
+events applied before, judges each transition against the FSM contracts, folds the batch into
+per-workflow rows and per-namespace deltas, and returns every write as plain data for one
+set-based transaction.
+
+Exactly once: an event applied to a workflow is remembered in that workflow's row
+(``applied``, about six ids); an event that belongs to no workflow it could be applied to
+(an anomaly) is remembered on its own (``Writes.orphans``, the ``processed_events`` table).
+An event found in either is a duplicate (a re-delivery) and changes nothing. The bookkeeping
+therefore lives and dies with the workflow's row: it needs no table of every event ever seen.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from stampflow.contracts.events import (
 )
 from stampflow.contracts.nodes import FsmSpec
 
+# The outcomes a result event sets; a failure may still be followed by a re-run's result.
+RESULT_OUTCOMES = frozenset({"stamped", "duplicate", "generated"})
+
 
 @dataclass(frozen=True, slots=True)
 class WorkflowRow:
@@ -44,6 +53,8 @@ class WorkflowRow:
     error_code: str | None = None
     reason: str | None = None
     duration_ms: float | None = None
+    applied: tuple[UUID, ...] = ()  # the events applied to this workflow (exactly once)
+    recorded_at: datetime | None = None  # the row's partition key; None until stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +140,8 @@ class ReducerState:
 
     workflows: Mapping[UUID, WorkflowRow] = field(default_factory=dict)
     known_stamps: frozenset[tuple[str, str]] = frozenset()
+    # ids of the batch's events that were applied before without a workflow (orphans)
+    seen: frozenset[UUID] = frozenset()
 
 
 @dataclass(slots=True)
@@ -141,6 +154,9 @@ class Writes:
     aggregates: dict[str, AggregateDelta] = field(default_factory=dict)
     # (namespace, kind, state) -> change in the number of workflows in that state
     state_counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    # events applied without a workflow to remember them: (event id, namespace)
+    orphans: list[tuple[UUID, str]] = field(default_factory=list)
+    duplicates: int = 0  # events skipped as applied before
 
     def delta(self, namespace: str) -> AggregateDelta:
         found = self.aggregates.get(namespace)
@@ -164,7 +180,8 @@ class Writes:
 def reduce(
     state: ReducerState, events: Iterable[Envelope], fsms: Mapping[str, FsmSpec]
 ) -> tuple[ReducerState, Writes]:
-    """Fold ``events`` (new ones only, in log order) into writes. Never raises on bad data."""
+    """Fold ``events`` (in log order, each id once) into writes, skipping those applied
+    before. Never raises on bad data."""
     reduction = _Reduction(state, fsms)
     for envelope in events:
         reduction.apply(envelope)
@@ -176,15 +193,44 @@ class _Reduction:
         self.fsms = fsms
         self.rows: dict[UUID, WorkflowRow] = dict(state.workflows)
         self.known = set(state.known_stamps)
+        self.seen = set(state.seen)
         self.writes = Writes()
 
     def result(self) -> tuple[ReducerState, Writes]:
-        new_state = ReducerState(workflows=dict(self.rows), known_stamps=frozenset(self.known))
+        new_state = ReducerState(workflows=dict(self.rows), known_stamps=frozenset(self.known),
+                                 seen=frozenset(self.seen))
         return new_state, self.writes
 
     def apply(self, envelope: Envelope) -> None:
         payload = envelope.payload
+        workflow_id = getattr(payload, "workflow_id", None)
+        if not isinstance(workflow_id, UUID):
+            workflow_id = None
+        if self._applied_before(envelope.event_id, workflow_id):
+            self.writes.duplicates += 1
+            return
         self.writes.delta(envelope.namespace).touch(envelope.occurred_at)
+        self._handle(envelope)
+        self._remember(envelope, workflow_id)
+
+    def _applied_before(self, event_id: UUID, workflow_id: UUID | None) -> bool:
+        if event_id in self.seen:
+            return True
+        row = self.rows.get(workflow_id) if workflow_id is not None else None
+        return row is not None and event_id in row.applied
+
+    def _remember(self, envelope: Envelope, workflow_id: UUID | None) -> None:
+        """Record that ``envelope`` was applied: in its workflow's row when it has one (also
+        when the event was an anomaly of that workflow), else as an orphan."""
+        row = self.rows.get(workflow_id) if workflow_id is not None else None
+        if row is None:
+            self.seen.add(envelope.event_id)
+            self.writes.orphans.append((envelope.event_id, envelope.namespace))
+            return
+        self._update(replace(row, applied=(*row.applied, envelope.event_id)))
+
+    def _handle(self, envelope: Envelope) -> None:
+        payload = envelope.payload
         match payload:
             case WorkflowTransitioned():
                 self._transitioned(envelope, payload)
@@ -268,6 +314,16 @@ class _Reduction:
                           f"{envelope.event_type} for a workflow that was never created")
         return row
 
+    def _has_result(self, envelope: Envelope, row: WorkflowRow) -> bool:
+        """A second result for one workflow under another event id (a result's id is fixed
+        per workflow, so a re-run repeats the first id): an anomaly, not counted again."""
+        if row.outcome not in RESULT_OUTCOMES:
+            return False
+        self._anomaly(envelope, row.workflow_id, "duplicate_result",
+                      f"{envelope.event_type} for a workflow that already has its result "
+                      f"({row.outcome})")
+        return True
+
     def _new_stamp(self, stamp: StampRow) -> bool:
         """Record content the namespace has not stamped before; False when it has."""
         key = (stamp.namespace, stamp.hash)
@@ -282,7 +338,7 @@ class _Reduction:
 
     def _stamp_created(self, envelope: Envelope, event: StampCreated) -> None:
         row = self._workflow(envelope, event.workflow_id)
-        if row is None:
+        if row is None or self._has_result(envelope, row):
             return
         fresh = self._new_stamp(StampRow(
             namespace=envelope.namespace, hash=event.hash, algorithm=event.algorithm,
@@ -296,7 +352,7 @@ class _Reduction:
     def _generation_completed(self, envelope: Envelope, event: GenerationCompleted) -> None:
         ns = envelope.namespace
         row = self._workflow(envelope, event.workflow_id)
-        if row is None:
+        if row is None or self._has_result(envelope, row):
             return
         delta = self.writes.delta(ns)
         # A batched pipeline call reports the whole call's time on each item: count its share.

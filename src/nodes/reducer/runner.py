@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -62,6 +62,11 @@ class ReducerConfig:
     shutdown_call_s: float = 3.0
     apply_timeout_s: float = 30.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Retention of the history tables (stampflow.nodes.reducer.retention): days kept (0 keeps
+    # everything), day partitions made ahead, seconds between maintenance runs (0: none).
+    retention_days: int = 0
+    partitions_ahead: int = 3
+    maintenance_interval_s: float = 0.0
 
 
 class Reducer:
@@ -97,6 +102,8 @@ class Reducer:
         self._fetch_wait = FetchWait(self.consumer)
         self.ready = True
         log.info("reducer started", topic=self.config.events_topic)
+        maintenance = (asyncio.create_task(self._maintain(stop))
+                       if self.config.maintenance_interval_s > 0 else None)
         try:
             while not stop.is_set():
                 records = await self._collect(stop)
@@ -107,9 +114,33 @@ class Reducer:
                         break  # nothing of this batch committed: re-delivered later
         finally:
             self.ready = False
+            if maintenance is not None:
+                maintenance.cancel()
+                await asyncio.gather(maintenance, return_exceptions=True)
             await bounded(self.consumer.stop(), "consumer stop", self.config.shutdown_call_s,
                           log.warning)
             log.info("reducer stopped", applied=self.applied, duplicates=self.duplicates)
+
+    async def _maintain(self, stop: asyncio.Event) -> None:
+        """Retention, now and then every ``maintenance_interval_s``: day partitions made ahead,
+        expired ones dropped. A failure (the database away, a busy table) is logged and tried
+        again at the next run; it never stops the reducer."""
+        while not stop.is_set():
+            try:
+                report = await asyncio.wait_for(
+                    self.store.maintain(keep_days=self.config.retention_days,
+                                        ahead_days=self.config.partitions_ahead),
+                    timeout=60.0)
+                if report.created or report.dropped:
+                    log.info("history partitions maintained", created=len(report.created),
+                             dropped=list(report.dropped), moved_rows=report.moved)
+            except Exception as err:  # noqa: BLE001 - logged, retried at the next run
+                log.warning("history maintenance failed; trying again later",
+                            error=_describe(err), throttle=True)
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.maintenance_interval_s)
+            except TimeoutError:
+                pass
 
     async def _collect(self, stop: asyncio.Event) -> list[ConsumerRecord[bytes, bytes]]:
         records: list[ConsumerRecord[bytes, bytes]] = []
@@ -163,7 +194,7 @@ class Reducer:
     ) -> BatchResult:
         """Apply ``events``; on a data error, bisect down to the events at fault."""
         try:
-            return await self._apply([e for e, _ in events])
+            return await self._apply([e for e, _ in events], _sources(r for _, r in events))
         except DATA_ERRORS as err:
             if len(events) == 1:
                 return await self._set_aside(*events[0], err)
@@ -183,13 +214,15 @@ class Reducer:
         transaction, so a re-delivery skips it."""
         reason = f"the database refused this event: {_describe(err)}"
         await self._dead_letters.send(record, reason)
-        claimed = await self._with_retries(lambda: self.store.set_aside(envelope, reason))
+        claimed = await self._with_retries(
+            lambda: self.store.set_aside(envelope, reason, _sources([record])))
         self.unstorable += 1
         REDUCER_EVENTS.labels("unstorable").inc()
         return BatchResult(1, 0, 0 if claimed else 1, 1 if claimed else 0)
 
-    async def _apply(self, events: list[Envelope]) -> BatchResult:
-        return await self._with_retries(lambda: self.store.apply(events))
+    async def _apply(self, events: list[Envelope],
+                     sources: set[tuple[str, int]]) -> BatchResult:
+        return await self._with_retries(lambda: self.store.apply(events, sources))
 
     async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call`` until it succeeds, retrying what is not the data's fault; raises
@@ -216,6 +249,11 @@ class Reducer:
         # The batch is durable already: an uncommitted one is re-delivered and skipped.
         await commit_offsets(self.consumer, offsets, stop=self._stop,
                              group_id=self.config.group_id, call_s=self.config.shutdown_call_s)
+
+
+def _sources(records: Iterable[ConsumerRecord[bytes, bytes]]) -> set[tuple[str, int]]:
+    """The (topic, partition) pairs ``records`` came from: the store's locks."""
+    return {(r.topic, r.partition) for r in records}
 
 
 def _describe(err: BaseException) -> str:

@@ -1,21 +1,27 @@
 """The reducer's PostgreSQL side: one transaction per batch, one statement per table.
 
-Exactly once: the batch's event ids go into ``processed_events`` first, in the same
-transaction as every write; only the ids that were new are reduced. A batch delivered again
-(after a crash between the commit here and the Kafka offset commit) finds every id taken and
-writes nothing. Locks are taken in a fixed order (ids sorted) so two reducers overlapping
-during a rebalance wait for each other instead of deadlocking.
+Exactly once: every workflow row carries the ids of the events applied to it
+(``workflows.applied_events``), and ``processed_events`` holds the few events that belong to no
+workflow. The batch reads both, in the same transaction as every write, and the core skips what
+was applied before. A batch delivered again (after a crash between the commit here and the
+Kafka offset commit) finds its ids remembered and writes nothing. The bookkeeping is bounded:
+it lives in the workflow's row and goes when retention drops the row's partition.
 
-Records are keyed by workflow, so one namespace's events reach every reducer at once. Each
-workflow stays with one reducer, and the aggregates are added to, never overwritten; what two
-reducers could both decide alone is whether a stamp is new in its namespace: a transaction
-lock per (namespace, hash), taken in a fixed order before the stamps are read, makes the
-second wait for the first's commit and see its stamp as a duplicate.
+Records are keyed by workflow, so all of a workflow's events lie in one partition of the events
+topic. Two reducers see the same records only while a rebalance moves a partition, and then a
+transaction lock per (topic, partition), taken first and in a fixed order, makes the second
+wait for the first's commit and see its ids. The workflow rows are then locked FOR UPDATE,
+which also orders two reducers that meet on one workflow by any other path.
+
+The aggregates are added to, never overwritten; what two reducers could both decide alone is
+whether a stamp is new in its namespace: a transaction lock per (namespace, hash), taken in a
+fixed order after the partition locks and before the stamps are read, makes the second wait
+for the first's commit and see its stamp as a duplicate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -24,6 +30,7 @@ import blake3
 
 from stampflow.contracts.events import Envelope, storable
 from stampflow.contracts.nodes import FsmSpec
+from stampflow.nodes.reducer import retention
 from stampflow.nodes.reducer.core import ReducerState, WorkflowRow, Writes, reduce, touched
 
 
@@ -42,34 +49,53 @@ class ReducerStore:
         self._pool = pool
         self._fsms = fsms
 
-    async def apply(self, events: Sequence[Envelope]) -> BatchResult:
+    async def apply(self, events: Sequence[Envelope],
+                    sources: Collection[tuple[str, int]] = ()) -> BatchResult:
+        """Apply ``events`` once each. ``sources`` are the (topic, partition) pairs they were
+        read from: the locks that keep two reducers apart. Without them one lock covers
+        everything (correct, but two callers then take turns)."""
         unique: dict[UUID, Envelope] = {}
         for envelope in events:
             unique.setdefault(envelope.event_id, envelope)
         async with self._pool.acquire() as conn, conn.transaction():
-            fresh = await _claim(conn, unique)
-            new_events = [e for e in unique.values() if e.event_id in fresh]
-            if not new_events:
-                return BatchResult(len(events), 0, len(events), 0)
-            state = await _load_state(conn, new_events)
-            _, writes = reduce(state, new_events, self._fsms)
+            await lock_sources(conn, sources)
+            state = await _load_state(conn, list(unique.values()))
+            _, writes = reduce(state, unique.values(), self._fsms)
             await _write(conn, writes)
-        return BatchResult(len(events), len(new_events), len(events) - len(new_events),
-                           len(writes.anomalies))
+        applied = len(unique) - writes.duplicates
+        return BatchResult(len(events), applied, len(events) - applied, len(writes.anomalies))
 
+    async def maintain(self, *, keep_days: int, ahead_days: int) -> retention.Report:
+        """One retention run (see :mod:`stampflow.nodes.reducer.retention`)."""
+        async with self._pool.acquire() as conn:
+            return await retention.maintain(conn, keep_days=keep_days, ahead_days=ahead_days)
 
-    async def set_aside(self, envelope: Envelope, reason: str) -> bool:
-        """Record that ``envelope`` cannot be stored: its id claimed (a re-delivery skips it)
-        and an anomaly row with ``reason``, counted in its namespace's aggregates. False when
-        its id was claimed before (nothing written)."""
+    async def set_aside(self, envelope: Envelope, reason: str,
+                        sources: Collection[tuple[str, int]] = ()) -> bool:
+        """Record that ``envelope`` cannot be stored: its id remembered as an orphan (a
+        re-delivery skips it) and an anomaly row with ``reason``, counted in its namespace's
+        aggregates. False when it was applied before (nothing written)."""
         workflow_id = getattr(envelope.payload, "workflow_id", None)
+        if not isinstance(workflow_id, UUID):
+            workflow_id = None
         async with self._pool.acquire() as conn, conn.transaction():
-            if not await _claim(conn, {envelope.event_id: envelope}):
+            await lock_sources(conn, sources)
+            if await conn.fetchval(
+                """
+                SELECT EXISTS (SELECT 1 FROM processed_events WHERE event_id = $1)
+                    OR EXISTS (SELECT 1 FROM workflows
+                               WHERE workflow_id = $2 AND $1 = ANY(applied_events))
+                """,
+                envelope.event_id, workflow_id,
+            ):
                 return False
+            await conn.execute(
+                "INSERT INTO processed_events (event_id, namespace) VALUES ($1, $2)",
+                envelope.event_id, envelope.namespace)
             await conn.execute(
                 "INSERT INTO anomalies (namespace, workflow_id, event_id, kind, detail) "
                 "VALUES ($1, $2, $3, 'unstorable', $4)",
-                envelope.namespace, workflow_id if isinstance(workflow_id, UUID) else None,
+                envelope.namespace, workflow_id,
                 envelope.event_id, storable(reason, 2000),
             )
             await conn.execute(
@@ -86,18 +112,23 @@ class ReducerStore:
         return True
 
 
-async def _claim(conn: asyncpg.Connection, unique: Mapping[UUID, Envelope]) -> set[UUID]:
-    ids = sorted(unique)
-    rows = await conn.fetch(
-        """
-        INSERT INTO processed_events (event_id, namespace)
-        SELECT * FROM unnest($1::uuid[], $2::text[])
-        ON CONFLICT (event_id) DO NOTHING
-        RETURNING event_id
-        """,
-        ids, [unique[i].namespace for i in ids],
-    )
-    return {row["event_id"] for row in rows}
+# The first key of the per-source transaction locks. "SG" in ASCII.
+SOURCE_LOCK_SPACE = 0x5347
+
+
+def source_lock(topic: str, partition: int) -> int:
+    """The second key of the lock on one (topic, partition): 32 bits of its BLAKE3."""
+    raw = blake3.blake3(f"{topic}\x00{partition}".encode()).digest(4)
+    return int.from_bytes(raw, "big", signed=True)
+
+
+async def lock_sources(conn: asyncpg.Connection, sources: Collection[tuple[str, int]]) -> None:
+    """Hold, until the transaction ends, the lock of each source (one lock for all when none
+    is named), in a fixed order so that two holders never wait for each other in a cycle."""
+    keys = sorted({source_lock(t, p) for t, p in sources}) if sources else [0]
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1::int, k) FROM unnest($2::int[]) AS k",
+        SOURCE_LOCK_SPACE, keys)
 
 
 async def _load_state(conn: asyncpg.Connection, events: Sequence[Envelope]) -> ReducerState:
@@ -107,13 +138,20 @@ async def _load_state(conn: asyncpg.Connection, events: Sequence[Envelope]) -> R
         rows = await conn.fetch(
             """
             SELECT workflow_id, namespace, kind, state, seq, request_id, created_at, updated_at,
-                   outcome, hash, error_code, reason, duration_ms
+                   outcome, hash, error_code, reason, duration_ms, applied_events, recorded_at
             FROM workflows WHERE workflow_id = ANY($1::uuid[])
             ORDER BY workflow_id FOR UPDATE
             """,
             sorted(workflow_ids),
         )
-        workflows = {row["workflow_id"]: WorkflowRow(**dict(row)) for row in rows}
+        for row in rows:
+            fields = dict(row)
+            fields["applied"] = tuple(fields.pop("applied_events"))
+            workflows[row["workflow_id"]] = WorkflowRow(**fields)
+    seen_rows = await conn.fetch(
+        "SELECT event_id FROM processed_events WHERE event_id = ANY($1::uuid[])",
+        [e.event_id for e in events])
+    seen = frozenset(row["event_id"] for row in seen_rows)
     known: frozenset[tuple[str, str]] = frozenset()
     if hashes:
         pairs = sorted(hashes)
@@ -129,7 +167,7 @@ async def _load_state(conn: asyncpg.Connection, events: Sequence[Envelope]) -> R
             [p[0] for p in pairs], [p[1] for p in pairs],
         )
         known = frozenset((row["namespace"], row["hash"]) for row in rows)
-    return ReducerState(workflows=workflows, known_stamps=known)
+    return ReducerState(workflows=workflows, known_stamps=known, seen=seen)
 
 
 # The first key of the stamps' transaction locks (two-int advisory locks: a space of their
@@ -161,25 +199,47 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
         )
     if writes.workflows:
         w = [writes.workflows[k] for k in sorted(writes.workflows)]
+        # A stored row keeps its partition key (recorded_at); a new one takes the database's
+        # clock. The applied ids travel as one comma-separated text per row (unnest would
+        # flatten an array of arrays).
         await conn.execute(
             """
             INSERT INTO workflows (workflow_id, namespace, kind, state, seq, request_id,
                                    created_at, updated_at, outcome, hash, error_code, reason,
-                                   duration_ms)
-            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[],
-                                 $6::uuid[], $7::timestamptz[], $8::timestamptz[], $9::text[],
-                                 $10::text[], $11::text[], $12::text[], $13::float8[])
-            ON CONFLICT (workflow_id) DO UPDATE SET
+                                   duration_ms, applied_events, recorded_at)
+            SELECT u.workflow_id, u.namespace, u.kind, u.state, u.seq, u.request_id,
+                   u.created_at, u.updated_at, u.outcome, u.hash, u.error_code, u.reason,
+                   u.duration_ms, string_to_array(u.applied, ',')::uuid[],
+                   coalesce(u.recorded_at, now())
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[],
+                        $6::uuid[], $7::timestamptz[], $8::timestamptz[], $9::text[],
+                        $10::text[], $11::text[], $12::text[], $13::float8[], $14::text[],
+                        $15::timestamptz[])
+                 AS u(workflow_id, namespace, kind, state, seq, request_id, created_at,
+                      updated_at, outcome, hash, error_code, reason, duration_ms, applied,
+                      recorded_at)
+            ON CONFLICT (workflow_id, recorded_at) DO UPDATE SET
                 state = EXCLUDED.state, seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at,
                 outcome = EXCLUDED.outcome, hash = EXCLUDED.hash,
                 error_code = EXCLUDED.error_code, reason = EXCLUDED.reason,
-                duration_ms = EXCLUDED.duration_ms
+                duration_ms = EXCLUDED.duration_ms, applied_events = EXCLUDED.applied_events
             """,
             [r.workflow_id for r in w], [r.namespace for r in w], [r.kind for r in w],
             [r.state for r in w], [r.seq for r in w], [r.request_id for r in w],
             [r.created_at for r in w], [r.updated_at for r in w], [r.outcome for r in w],
             [r.hash for r in w], [r.error_code for r in w], [r.reason for r in w],
-            [r.duration_ms for r in w],
+            [r.duration_ms for r in w], [",".join(map(str, r.applied)) for r in w],
+            [r.recorded_at for r in w],
+        )
+    if writes.orphans:
+        o = sorted(writes.orphans)
+        await conn.execute(
+            """
+            INSERT INTO processed_events (event_id, namespace)
+            SELECT * FROM unnest($1::uuid[], $2::text[])
+            ON CONFLICT DO NOTHING
+            """,
+            [e for e, _ in o], [ns for _, ns in o],
         )
     if writes.generations:
         g = writes.generations
@@ -192,7 +252,7 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
                                  $6::bigint[], $7::int[], $8::int[], $9::int[], $10::text[],
                                  $11::text[], $12::int[], $13::float8[], $14::int[],
                                  $15::int[], $16::bool[], $17::timestamptz[])
-            ON CONFLICT (workflow_id) DO NOTHING
+            ON CONFLICT DO NOTHING
             """,
             [r.workflow_id for r in g], [r.namespace for r in g], [r.artifact_uri for r in g],
             [r.hash for r in g], [r.size for r in g], [r.seed for r in g], [r.width for r in g],
@@ -209,7 +269,7 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
                                               trigger, reason, event_id, occurred_at)
             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[],
                                  $6::text[], $7::text[], $8::uuid[], $9::timestamptz[])
-            ON CONFLICT (workflow_id, seq) DO NOTHING
+            ON CONFLICT DO NOTHING
             """,
             [r.workflow_id for r in t], [r.seq for r in t], [r.namespace for r in t],
             [r.from_state for r in t], [r.to_state for r in t], [r.trigger for r in t],
