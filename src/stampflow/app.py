@@ -17,7 +17,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from stampflow.bus import KafkaPublisher, ensure_topics, make_consumer, started_producer
+from stampflow.bus import (
+    KafkaPublisher,
+    ensure_topics,
+    make_consumer,
+    started_producer,
+    topic_retention_ms,
+)
 from stampflow.connections import connect_options, pool_options
 from stampflow.contracts.nodes import IoPolicy, NodeContract, RetryPolicy, load_contracts
 from stampflow.errors import ServiceUnavailable, StampflowError
@@ -25,6 +31,7 @@ from stampflow.migrate import check_current, migrate
 from stampflow.nodes import pgerrors
 from stampflow.nodes.orchestrator.core import Limits, OrchestratorCore
 from stampflow.nodes.orchestrator.runner import Orchestrator, OrchestratorConfig
+from stampflow.nodes.reducer.retention import topic_retention_problem
 from stampflow.nodes.reducer.runner import Reducer, ReducerConfig
 from stampflow.nodes.reducer.store import ReducerStore
 from stampflow.nodes.resilience import Stopping, bounded, retry
@@ -182,6 +189,7 @@ async def run_nodes(
             if pool is None:
                 return running
             stack.push_async_callback(_close_pool, pool)
+            await warn_on_topic_retention(settings, endpoints)
             reducer = build_reducer(settings, endpoints, contracts, publisher, pool)
             running.reducers.append(reducer)
             tasks.append(asyncio.create_task(reducer.run(stop), name="reducer"))
@@ -330,6 +338,21 @@ def build_orchestrator(
         publisher=publisher,
         stamping=stamping,
     )
+
+
+async def warn_on_topic_retention(settings: Settings, endpoints: Endpoints) -> None:
+    """Warn when the events topic may keep a record longer than the history keeps the ids
+    that make its re-delivery a no-op. Never stops the node."""
+    try:
+        retention_ms = await topic_retention_ms(endpoints.bootstrap_servers,
+                                                settings.events_topic, kafka=endpoints.kafka)
+    except Exception as err:  # noqa: BLE001 - a warning's input; the node goes on
+        log.warning("could not read the events topic's retention", error=str(err))
+        return
+    problem = topic_retention_problem(retention_ms, settings.history_retention_days)
+    if problem is not None:
+        # Not reported (Tansu reports no topic configs): said once, quietly.
+        (log.info if retention_ms is None else log.warning)(problem)
 
 
 def build_reducer(

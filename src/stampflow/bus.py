@@ -30,6 +30,7 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
@@ -84,6 +85,29 @@ async def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int,
     except KafkaError as err:
         raise StampflowError(f"topics on the Kafka broker at {bootstrap} could not be "
                              f"created: {err}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+async def topic_retention_ms(bootstrap: str, topic: str, *, kafka: KafkaOptions | None = None,
+                             timeout: float = 5.0) -> int | None:
+    """The topic's ``retention.ms`` as the broker reports it (-1: kept forever), or None when
+    the broker reports no such entry (Tansu reports none)."""
+    options = kafka or PLAINTEXT
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                request_timeout_ms=int(timeout * 1000),
+                                **options.client_kwargs())
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"retention.ms": None})])
+        for response in responses:
+            for resource in response.resources:
+                for entry in resource[4]:  # (name, value, read_only, ...) per config entry
+                    if entry[0] == "retention.ms" and entry[1] is not None:
+                        return int(entry[1])
+        return None
     finally:
         with contextlib.suppress(Exception):
             await admin.close()

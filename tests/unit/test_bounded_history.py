@@ -157,3 +157,12 @@ def test_rows_waiting_in_the_default_get_their_day_made_and_expired_ones_dropped
                   default_days={"workflows": {old, recent}})
     assert ("workflows", old) in wanted.create and ("workflows", recent) in wanted.create
     assert [p.name for p in wanted.drop] == [retention.day_name("workflows", old)]
+
+
+def test_a_topic_that_outlives_the_history_is_named() -> None:
+    day = 86_400_000
+    assert retention.topic_retention_problem(7 * day, 30) is None
+    assert "forever" in (retention.topic_retention_problem(-1, 30) or "")
+    assert "30 days" in (retention.topic_retention_problem(30 * day, 30) or "")
+    assert "does not report" in (retention.topic_retention_problem(None, 30) or "")
+    assert retention.topic_retention_problem(-1, 0) is None  # history kept forever

@@ -19,8 +19,9 @@ partition holds rows of) and which to drop (every partition whose last day ended
 
 Why this stays exactly once: a workflow's applied event ids live in its own row, so they go
 when its partition goes. An event re-delivered after that would be taken for new. The events
-topic must therefore keep records for less time than the history is kept; the reducer checks
-the topic's ``retention.ms`` against ``keep_days`` when it starts and says so when it is not.
+topic must therefore keep records for less time than the history is kept; the reducer reads
+the topic's ``retention.ms`` when it starts and warns when it is not shorter
+(:func:`topic_retention_problem`).
 
 Every DDL statement runs with a short ``lock_timeout``: a busy table makes maintenance give way
 and try again at its next run, instead of stalling the reducers behind it.
@@ -144,6 +145,24 @@ def plan(
             drop.extend(p for p in sorted(existing + made)
                         if p.end is not None and p.end <= cutoff)
     return Plan(tuple(create), tuple(drop))
+
+
+def topic_retention_problem(retention_ms: int | None, keep_days: int) -> str | None:
+    """Why the events topic's retention (``retention.ms``; None: not reported) may break
+    exactly-once with ``keep_days`` of history, or None when it cannot."""
+    if keep_days <= 0:
+        return None  # history kept forever: every id stays remembered
+    if retention_ms is None:
+        return (f"the broker does not report the events topic's retention.ms; make sure it is "
+                f"shorter than the {keep_days} days of history kept "
+                "(STAMPFLOW_HISTORY_RETENTION_DAYS)")
+    keep_ms = keep_days * 86_400_000
+    if retention_ms < 0 or retention_ms >= keep_ms:
+        kept = "forever" if retention_ms < 0 else f"{retention_ms / 86_400_000:g} days"
+        return (f"the events topic keeps records {kept}, the history only {keep_days} days "
+                "(STAMPFLOW_HISTORY_RETENTION_DAYS): an event re-delivered after its "
+                "workflow's partition was dropped would be applied again")
+    return None
 
 
 def _at(day: date) -> datetime:
