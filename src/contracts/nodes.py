@@ -170,11 +170,14 @@ class IoPolicy(Frozen):
 
 
 class Thresholds(Frozen):
-    """Performance thresholds this node promises; integration tests check them."""
+    """Performance thresholds this node promises; integration tests check them, each in a test
+    named after it (tests/integration/test_thresholds.py). The suffix says the statistic: a
+    ``_max_`` is the largest value seen, a ``_p99_``/``_p95_``/``_p50_`` that percentile, a
+    ``min_`` the smallest."""
 
     workflow_p95_ms: float | None = Field(default=None, gt=0)
     transition_max_ms: float | None = Field(default=None, gt=0)
-    hash_1mb_max_ms: float | None = Field(default=None, gt=0)
+    hash_1mb_p99_ms: float | None = Field(default=None, gt=0)
     min_batch_under_load: int | None = Field(default=None, ge=1)
     generation_overhead_p50_ms: float | None = Field(default=None, gt=0)
 

@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 ORCH = builtin_contract("orchestrator").thresholds
 REDUCER = builtin_contract("reducer").thresholds
 STAMPING = builtin_contract("stamping").thresholds
+INFERENCE = builtin_contract("inference")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,7 +84,7 @@ async def test_workflow_p95_ms_and_transition_max_ms(
         f"(p99 {percentile(steps, 0.99) * 1000:.3f} ms)")
 
 
-async def test_reducer_batches_hold_a_thousand_under_load(
+async def test_min_batch_under_load(
     services: Services, fresh_database_url: str, topic_prefix: str, tmp_path: Path,
 ) -> None:
     assert REDUCER.min_batch_under_load is not None
@@ -104,18 +105,85 @@ async def test_reducer_batches_hold_a_thousand_under_load(
     assert min(under_load) >= REDUCER.min_batch_under_load, batches
 
 
-def test_blake3_stamp_of_1kb_to_1mb_is_fast(tmp_path: Path) -> None:
-    assert STAMPING.hash_1mb_max_ms is not None
+def test_hash_1mb_p99_ms(tmp_path: Path) -> None:
+    """Stamping 1 KB to 1 MB in memory: the 99th percentile of 300 stamps of each size."""
+    assert STAMPING.hash_1mb_p99_ms is not None
     node = StampingNode(tmp_path, max_bytes=2**30)
     for size in (1024, 64 * 1024, 1024 * 1024):
         data = os.urandom(size)
         times = []
-        for _ in range(200):
+        for _ in range(300):
             t0 = time.perf_counter()
             node.stamp_bytes(data, namespace="bench")
             times.append(time.perf_counter() - t0)
-        median_ms = statistics.median(times) * 1000
-        assert median_ms < STAMPING.hash_1mb_max_ms, f"{size} bytes: median {median_ms:.3f} ms"
+        p99_ms = percentile(times, 0.99) * 1000
+        assert p99_ms < STAMPING.hash_1mb_p99_ms, (
+            f"hash_1mb_p99_ms: {size} bytes: p99 {p99_ms:.3f} ms "
+            f"(median {statistics.median(times) * 1000:.3f} ms)")
+
+
+async def test_generation_overhead_p50_ms(tiny_flux_model: Path, tmp_path: Path) -> None:
+    """What the inference effect node adds to the diffusers call it makes (token counts,
+    generators, the step callback, PNG encoding, the durable artifact write, the stamp, the
+    hand-off to its worker thread), with the shipped contract's batching: the median of 40
+    requests through ``InferenceEffectNode.generate``, one at a time, minus the median of 40
+    bare ``FluxPipeline`` calls with the same arguments, taken in alternation so that both see
+    the same machine."""
+    import torch
+    from diffusers import FluxPipeline
+
+    from stampflow.contracts.events import GenerationRequested
+    from stampflow.contracts.nodes import IoPolicy
+    from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry
+    from stampflow.inference.effect import JobOwner
+    from stampflow.nodes.orchestrator.core import GenerationSucceeded
+
+    threshold = INFERENCE.thresholds.generation_overhead_p50_ms
+    assert threshold is not None
+    size, steps = 64, 2
+    policy = IoPolicy.model_validate({**INFERENCE.io_policy.model_dump(), "device": "cpu"})
+    node = InferenceEffectNode(
+        registry=ModelRegistry({"tiny": tiny_flux_model}, device="cpu"),
+        artifacts=ArtifactStore(tmp_path / "artifacts"),
+        stamping=StampingNode(tmp_path, max_bytes=100_000_000), io_policy=policy)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_model, dtype=torch.float32,
+                                        local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def bare(i: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            pipe(prompt=[f"a red cat {i}"], width=size, height=size, num_inference_steps=steps,
+                 guidance_scale=0.0, generator=[torch.Generator("cpu").manual_seed(i)],
+                 output_type="np", max_sequence_length=512)
+        return time.perf_counter() - t0
+
+    async def effect(i: int) -> float:
+        request = GenerationRequested(prompt=f"a red cat {i}", width=size, height=size,
+                                      num_inference_steps=steps, model="tiny", seed=i)
+        t0 = time.perf_counter()
+        outcome = await node.generate(request, seed=i, owner=JobOwner(uuid4(), "bench"))
+        elapsed = time.perf_counter() - t0
+        assert isinstance(outcome, GenerationSucceeded), outcome
+        return elapsed
+
+    try:
+        for i in range(5):
+            bare(i)
+            await effect(i)
+        bare_s, effect_s = [], []
+        for i in range(40):
+            bare_s.append(bare(100 + i))
+            effect_s.append(await effect(100 + i))
+    finally:
+        await node.aclose()
+    bare_p50, effect_p50 = statistics.median(bare_s) * 1000, statistics.median(effect_s) * 1000
+    overhead = effect_p50 - bare_p50
+    print(f"generation: bare p50 {bare_p50:.1f} ms, effect node p50 {effect_p50:.1f} ms, "
+          f"overhead {overhead:+.1f} ms")
+    assert overhead <= threshold, (
+        f"generation_overhead_p50_ms: the effect node's p50 {effect_p50:.1f} ms is "
+        f"{overhead:.1f} ms over the bare call's {bare_p50:.1f} ms")
 
 
 async def _done(url: str, n: int) -> bool:

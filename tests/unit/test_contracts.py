@@ -286,3 +286,21 @@ def test_the_exported_envelope_ties_event_type_to_the_payload() -> None:
     assert not validator.is_valid({**good, "payload": {"content": "YQ=="}})  # no type
     assert not validator.is_valid({**good, "payload": {"type": "stamp.requested",
                                                        "content": "-_-_"}})
+
+
+def test_every_stated_threshold_has_a_test_under_its_own_name() -> None:
+    """A threshold in a node contract is a promise: tests/integration/test_thresholds.py must
+    hold a test function named after it (test_<threshold>), so none is stated and unchecked."""
+    import ast
+    from pathlib import Path
+
+    from stampflow.contracts.nodes import load_contracts
+
+    source = Path(__file__).parents[1] / "integration" / "test_thresholds.py"
+    names = {node.name for node in ast.walk(ast.parse(source.read_text()))
+             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
+    stated = {name for contract in load_contracts().values()
+              for name, value in contract.thresholds.model_dump().items() if value is not None}
+    assert stated, "no contract states a threshold"
+    unchecked = {t for t in stated if not any(n.startswith("test_") and t in n for n in names)}
+    assert not unchecked, f"thresholds with no test named after them: {sorted(unchecked)}"
