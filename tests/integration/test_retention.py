@@ -17,8 +17,8 @@ from stampflow.nodes.orchestrator.core import Limits, OrchestratorCore
 from stampflow.nodes.reducer import retention
 from stampflow.nodes.reducer.store import ReducerStore
 from stampflow.queries import create_role
-from stampflow.services.addresses import with_database
 from stampflow.testing.stack import fetch, reconcile
+from tests.integration.test_operators import ROLE_PASSWORD, as_role, cli
 from tests.integration.test_reducer_concurrency import FSMS, ORCH, stamp_workflow
 
 pytestmark = pytest.mark.integration
@@ -124,11 +124,9 @@ async def test_a_limited_role_reads_only_its_namespace_from_a_new_partition(
         SELECT gen_random_uuid(), ns, 'stamp', 'completed', 4, gen_random_uuid(), now(), now(),
                '{tomorrow.isoformat()}T12:00:00Z'
         FROM unnest(ARRAY['mine', 'theirs']) AS ns""")
-    await create_role(url, "limited_reader", ["mine"], "pw-limited")
+    await create_role(url, "limited_reader", ["mine"], ROLE_PASSWORD)
     # GRANT SELECT ON ALL TABLES reached the partition itself: its own policy must hold.
-    limited = with_database(url.replace(url.split("@")[0].split("//")[1],
-                                        "limited_reader:pw-limited"), url.rsplit("/", 1)[1])
-    conn = await asyncpg.connect(limited)
+    conn = await asyncpg.connect(as_role(url, "limited_reader"))
     try:
         direct = await conn.fetch(f"SELECT namespace FROM {name}")
         through_parent = await conn.fetch("SELECT namespace FROM workflows")
@@ -163,3 +161,31 @@ async def test_events_applied_before_the_upgrade_are_not_applied_again(
         await pool.close()
     assert (result.applied, result.duplicates) == (0, len(events))
     assert (await _counts(url))["workflows"] == 0
+
+
+async def test_the_retention_command_shows_what_is_due_and_applies_it(
+    fresh_database_url: str,
+) -> None:
+    await migrate(fresh_database_url)
+    shown = cli("retention", database_url=fresh_database_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "workflows_default" in shown.stdout and "due: make" in shown.stdout
+    assert not (await _maintain(fresh_database_url, keep_days=30, ahead_days=0)).skipped
+    applied = cli("retention", "--apply", database_url=fresh_database_url,
+                  STAMPFLOW_HISTORY_PARTITIONS_AHEAD="5")
+    assert applied.returncode == 0, applied.stderr
+    assert "made" in applied.stdout
+    names = {p.name for p in await _partitions(fresh_database_url)}
+    ahead = (_today() + timedelta(days=5)).date()
+    assert retention.day_name("workflows", ahead) in names
+    again = cli("retention", database_url=fresh_database_url,
+                STAMPFLOW_HISTORY_PARTITIONS_AHEAD="5")
+    assert "nothing due" in again.stdout, again.stdout
+
+
+async def _partitions(url: str) -> list[retention.Partition]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await retention.partitions(conn)
+    finally:
+        await conn.close()

@@ -15,6 +15,7 @@ from stampflow.cli.common import UsageError, endpoints_for, err, out, run, setti
 from stampflow.cli.dlq import dlq_app
 from stampflow.cli.models import models_app
 from stampflow.cli.nodes import demo_cmd, run_cmd, up_cmd
+from stampflow.cli.retention import retention_cmd
 from stampflow.cli.roles import roles_app
 from stampflow.cli.schema import contracts_app, migrate_cmd
 from stampflow.cli.services import services_app
@@ -45,6 +46,7 @@ app.command("check")(check_cmd)
 app.command("workflows")(workflows_cmd)
 app.command("workflow")(workflow_cmd)
 app.command("verify")(verify_cmd)
+app.command("retention")(retention_cmd)
 app.add_typer(services_app, name="services")
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(submit_app, name="submit")
