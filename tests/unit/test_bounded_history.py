@@ -166,3 +166,18 @@ def test_a_topic_that_outlives_the_history_is_named() -> None:
     assert "30 days" in (retention.topic_retention_problem(30 * day, 30) or "")
     assert "does not report" in (retention.topic_retention_problem(None, 30) or "")
     assert retention.topic_retention_problem(-1, 0) is None  # history kept forever
+
+
+def test_the_fold_never_changes_the_rows_it_was_given() -> None:
+    """Rows are mutable inside one fold for speed: the state passed in (and a state returned
+    before) must come out as it went in."""
+    from dataclasses import asdict
+
+    events = run_stamp(core(), request("a"))
+    state, _ = reduce(ReducerState(), events[:2], FSMS)
+    before = {k: asdict(v) for k, v in state.workflows.items()}
+    later, writes = reduce(state, events[2:], FSMS)
+    assert {k: asdict(v) for k, v in state.workflows.items()} == before
+    (row,) = writes.workflows.values()
+    assert row.state == "completed" and row is not next(iter(state.workflows.values()))
+    assert later.workflows[row.workflow_id] is row

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from stampflow.contracts.events import (
@@ -33,8 +34,11 @@ from stampflow.contracts.nodes import FsmSpec
 RESULT_OUTCOMES = frozenset({"stamped", "duplicate", "generated"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkflowRow:
+    """A workflow's row. Mutable for speed inside one fold, which copies a row the first time
+    it changes it, so the rows it was given (and the state it returned before) never change."""
+
     workflow_id: UUID
     namespace: str
     kind: str
@@ -189,6 +193,7 @@ class _Reduction:
         self.rows: dict[UUID, WorkflowRow] = dict(state.workflows)
         self.known = set(state.known_stamps)
         self.seen = set(state.seen)
+        self.owned: set[UUID] = set()  # rows this fold made (or copied) and may change
         self.writes = Writes()
 
     def result(self) -> tuple[ReducerState, Writes]:
@@ -222,7 +227,7 @@ class _Reduction:
             self.seen.add(envelope.event_id)
             self.writes.orphans.append((envelope.event_id, envelope.namespace))
             return
-        self._update(replace(row, applied=(*row.applied, envelope.event_id)))
+        self._update(self._change(row, applied=(*row.applied, envelope.event_id)))
 
     def _handle(self, envelope: Envelope) -> None:
         # Dispatch on the exact type: pydantic models are ABCs, and a chain of isinstance
@@ -265,6 +270,7 @@ class _Reduction:
                 state=event.to_state, seq=1, request_id=envelope.correlation_id,
                 created_at=envelope.occurred_at, updated_at=envelope.occurred_at,
             )
+            self.owned.add(row.workflow_id)
             self.writes.delta(ns).workflows += 1
             self.writes.count_state(ns, row.kind, row.state, +1)
             self._record(row, event, envelope)
@@ -287,7 +293,7 @@ class _Reduction:
             return
         self.writes.count_state(ns, row.kind, row.state, -1)
         self.writes.count_state(ns, row.kind, event.to_state, +1)
-        row = replace(row, state=event.to_state, seq=event.seq,
+        row = self._change(row, state=event.to_state, seq=event.seq,
                       updated_at=max(row.updated_at, envelope.occurred_at))
         self._record(row, event, envelope)
 
@@ -341,7 +347,8 @@ class _Reduction:
         ))
         if not fresh:
             self.writes.delta(envelope.namespace).duplicates += 1
-        self._update(replace(row, outcome="stamped" if fresh else "duplicate", hash=event.hash))
+        self._update(self._change(row, outcome="stamped" if fresh else "duplicate",
+                                  hash=event.hash))
 
     def _generation_completed(self, envelope: Envelope, event: GenerationCompleted) -> None:
         ns = envelope.namespace
@@ -368,7 +375,7 @@ class _Reduction:
             content_type="image/png", source=event.artifact_uri,
             first_workflow_id=event.workflow_id, stamped_at=envelope.occurred_at,
         ))
-        self._update(replace(row, outcome="generated", hash=event.hash))
+        self._update(self._change(row, outcome="generated", hash=event.hash))
 
     def _finished(
         self,
@@ -392,12 +399,23 @@ class _Reduction:
                           "event ends it there")
             self.writes.count_state(row.namespace, row.kind, row.state, -1)
             self.writes.count_state(row.namespace, row.kind, terminal, +1)
-            row = replace(row, state=terminal, updated_at=max(row.updated_at,
+            row = self._change(row, state=terminal, updated_at=max(row.updated_at,
                                                               envelope.occurred_at))
         if terminal == "completed":
-            self._update(replace(row, duration_ms=duration_ms))
+            self._update(self._change(row, duration_ms=duration_ms))
         else:
-            self._update(replace(row, outcome="failed", error_code=error_code, reason=reason))
+            self._update(self._change(row, outcome="failed", error_code=error_code,
+                                      reason=reason))
+
+    def _change(self, row: WorkflowRow, **fields: Any) -> WorkflowRow:
+        """``row`` with ``fields`` changed: a copy the first time in this fold, then in place."""
+        if row.workflow_id not in self.owned:
+            row = replace(row, **fields)
+            self.owned.add(row.workflow_id)
+            return row
+        for name, value in fields.items():
+            setattr(row, name, value)
+        return row
 
     def _update(self, row: WorkflowRow) -> None:
         self.rows[row.workflow_id] = row
