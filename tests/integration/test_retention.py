@@ -189,3 +189,21 @@ async def _partitions(url: str) -> list[retention.Partition]:
         return await retention.partitions(conn)
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("bad", ["G" * 64, "a" * 63, "A" * 64, "a" * 63 + "\n", "a" * 65])
+async def test_the_cheaper_hash_check_refuses_what_the_regex_refused(
+    fresh_database_url: str, bad: str,
+) -> None:
+    await migrate(fresh_database_url)
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO stamps (namespace, hash, size, content_type, first_workflow_id, "
+            "stamped_at) VALUES ('a', $1, 1, 'x', gen_random_uuid(), now())", "a" * 64)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "INSERT INTO stamps (namespace, hash, size, content_type, first_workflow_id, "
+                "stamped_at) VALUES ('a', $1, 1, 'x', gen_random_uuid(), now())", bad)
+    finally:
+        await conn.close()

@@ -182,6 +182,25 @@ def stamp_lock(namespace: str, digest: str) -> int:
     return int.from_bytes(raw, "big", signed=True)
 
 
+_WORKFLOW_COLUMNS = ("workflow_id", "namespace", "kind", "state", "seq", "request_id",
+                     "created_at", "updated_at", "outcome", "hash", "error_code", "reason",
+                     "duration_ms", "applied_events", "recorded_at")
+_TRANSITION_COLUMNS = ("workflow_id", "seq", "namespace", "from_state", "to_state", "trigger",
+                       "reason", "event_id", "occurred_at")
+
+
+async def _stage(conn: asyncpg.Connection, table: str, columns: Sequence[str],
+                 records: list[tuple[object, ...]]) -> str:
+    """COPY ``records`` into a temporary table shaped like ``table``'s ``columns`` that lives
+    until the transaction ends (safe behind PgBouncer's transaction pooling); its name."""
+    staged = f"stampflow_staged_{table}"
+    await conn.execute(
+        f"CREATE TEMP TABLE {staged} ON COMMIT DROP AS "  # noqa: S608 - fixed names only
+        f"SELECT {', '.join(columns)} FROM {table} WITH NO DATA")
+    await conn.copy_records_to_table(staged, records=records, columns=list(columns))
+    return staged
+
+
 async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
     if writes.stamps:
         s = sorted(writes.stamps, key=lambda r: (r.namespace, r.hash))
@@ -198,38 +217,27 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
             [r.first_workflow_id for r in s], [r.stamped_at for r in s],
         )
     if writes.workflows:
+        # COPY into a temporary table, then one INSERT ... SELECT: about 0.75x the time of
+        # unnest() arrays for these rows, and the applied ids travel as real arrays. A stored
+        # row keeps its partition key (recorded_at); a new one takes the database's clock.
         w = [writes.workflows[k] for k in sorted(writes.workflows)]
-        # A stored row keeps its partition key (recorded_at); a new one takes the database's
-        # clock. The applied ids travel as one comma-separated text per row (unnest would
-        # flatten an array of arrays).
+        staged = await _stage(conn, "workflows", _WORKFLOW_COLUMNS, [
+            (r.workflow_id, r.namespace, r.kind, r.state, r.seq, r.request_id, r.created_at,
+             r.updated_at, r.outcome, r.hash, r.error_code, r.reason, r.duration_ms,
+             list(r.applied), r.recorded_at) for r in w])
         await conn.execute(
-            """
-            INSERT INTO workflows (workflow_id, namespace, kind, state, seq, request_id,
-                                   created_at, updated_at, outcome, hash, error_code, reason,
-                                   duration_ms, applied_events, recorded_at)
-            SELECT u.workflow_id, u.namespace, u.kind, u.state, u.seq, u.request_id,
-                   u.created_at, u.updated_at, u.outcome, u.hash, u.error_code, u.reason,
-                   u.duration_ms, string_to_array(u.applied, ',')::uuid[],
-                   coalesce(u.recorded_at, now())
-            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[],
-                        $6::uuid[], $7::timestamptz[], $8::timestamptz[], $9::text[],
-                        $10::text[], $11::text[], $12::text[], $13::float8[], $14::text[],
-                        $15::timestamptz[])
-                 AS u(workflow_id, namespace, kind, state, seq, request_id, created_at,
-                      updated_at, outcome, hash, error_code, reason, duration_ms, applied,
-                      recorded_at)
+            f"""
+            INSERT INTO workflows ({", ".join(_WORKFLOW_COLUMNS)})
+            SELECT workflow_id, namespace, kind, state, seq, request_id, created_at, updated_at,
+                   outcome, hash, error_code, reason, duration_ms, applied_events,
+                   coalesce(recorded_at, now())
+            FROM {staged}
             ON CONFLICT (workflow_id, recorded_at) DO UPDATE SET
                 state = EXCLUDED.state, seq = EXCLUDED.seq, updated_at = EXCLUDED.updated_at,
                 outcome = EXCLUDED.outcome, hash = EXCLUDED.hash,
                 error_code = EXCLUDED.error_code, reason = EXCLUDED.reason,
                 duration_ms = EXCLUDED.duration_ms, applied_events = EXCLUDED.applied_events
-            """,
-            [r.workflow_id for r in w], [r.namespace for r in w], [r.kind for r in w],
-            [r.state for r in w], [r.seq for r in w], [r.request_id for r in w],
-            [r.created_at for r in w], [r.updated_at for r in w], [r.outcome for r in w],
-            [r.hash for r in w], [r.error_code for r in w], [r.reason for r in w],
-            [r.duration_ms for r in w], [",".join(map(str, r.applied)) for r in w],
-            [r.recorded_at for r in w],
+            """  # noqa: S608 - fixed names only
         )
     if writes.orphans:
         o = sorted(writes.orphans)
@@ -262,19 +270,15 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
             [r.negative_prompt_ignored for r in g], [r.created_at for r in g],
         )
     if writes.transitions:
-        t = writes.transitions
+        # COPY and INSERT ... SELECT: about half the time of unnest() for the most numerous
+        # rows. No ON CONFLICT: the applied ids decide what is new, and a collision here would
+        # be a bug to see (the batch is bisected and the event set aside), not to hide.
+        staged = await _stage(conn, "workflow_transitions", _TRANSITION_COLUMNS, [
+            (r.workflow_id, r.seq, r.namespace, r.from_state, r.to_state, r.trigger, r.reason,
+             r.event_id, r.occurred_at) for r in writes.transitions])
+        columns = ", ".join(_TRANSITION_COLUMNS)
         await conn.execute(
-            """
-            INSERT INTO workflow_transitions (workflow_id, seq, namespace, from_state, to_state,
-                                              trigger, reason, event_id, occurred_at)
-            SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[],
-                                 $6::text[], $7::text[], $8::uuid[], $9::timestamptz[])
-            ON CONFLICT DO NOTHING
-            """,
-            [r.workflow_id for r in t], [r.seq for r in t], [r.namespace for r in t],
-            [r.from_state for r in t], [r.to_state for r in t], [r.trigger for r in t],
-            [r.reason for r in t], [r.event_id for r in t], [r.occurred_at for r in t],
-        )
+            f"INSERT INTO workflow_transitions ({columns}) SELECT {columns} FROM {staged}")  # noqa: S608
     if writes.anomalies:
         a = writes.anomalies
         await conn.execute(
