@@ -344,9 +344,11 @@ def _lax(err: ValidationError) -> bool:
         return isinstance(instance, int | float) and not isinstance(instance, bool)  # Unix time
     if v == "const":
         return instance is True and keyword == 1
-    if v == "format" and keyword == "uuid":
+    # UUIDs and times are said by pattern (and "no final newline") as well as by format.
+    fmt = err.schema.get("format") if v in ("format", "pattern", "not") else None
+    if fmt == "uuid":
         return _lax_uuid(instance) is not None
-    if v == "format" and keyword == "date-time":
+    if fmt == "date-time":
         return _lax_datetime(instance)
     if v == "format" and keyword == "base64":
         return isinstance(instance, str) and lenient_base64(instance) is not None
@@ -375,9 +377,10 @@ def _coerced(err: ValidationError) -> Any:
         return int(number) if keyword == "integer" and number.is_integer() else number
     if v == "const":
         return 1
-    if v == "format" and keyword == "uuid":
+    fmt = err.schema.get("format") if v in ("format", "pattern", "not") else None
+    if fmt == "uuid":
         return str(_lax_uuid(instance))
-    if v == "format" and keyword == "date-time":
+    if fmt == "date-time":
         return "2026-01-01T00:00:00Z"
     if v == "format" and keyword == "base64":
         return base64.b64encode(lenient_base64(instance) or b"").decode("ascii")

@@ -30,10 +30,16 @@ from pydantic import (
 
 EVENT_VERSION: Literal[1] = 1
 
+# In the exported JSON Schemas, a pattern that ends in ``$`` also says "no final newline": in
+# ECMA-262 (JSON Schema's dialect) ``$`` matches only at the very end, but Python's ``re`` (the
+# jsonschema package), Java and .NET also let it match before a final newline.
+NO_FINAL_NEWLINE: dict[str, Any] = {"not": {"pattern": "\n$"}}
 Namespace = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", strict=True)
+    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", strict=True),
+    Field(json_schema_extra=NO_FINAL_NEWLINE),
 ]
-Blake3Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Blake3Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$"),
+                      Field(json_schema_extra=NO_FINAL_NEWLINE)]
 # Anchored with \Z: with ``$``, ``re.match`` also accepts a trailing newline.
 NAMESPACE_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z")
 
@@ -102,7 +108,8 @@ Base64Content = Annotated[
     bytes,
     PlainValidator(_strict_base64),
     PlainSerializer(lambda raw: base64.b64encode(raw), return_type=bytes),
-    WithJsonSchema({"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN}),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN,
+                    **NO_FINAL_NEWLINE}),
 ]
 
 
@@ -136,8 +143,33 @@ def _stamp_schema(schema: dict[str, Any]) -> None:
     ]
 
 
+def _pixel_cap_schema() -> list[dict[str, Any]]:
+    """The pixel cap (``width * height <= MAX_PIXELS``) for JSON Schema, which cannot multiply:
+    sides are multiples of 16, so a staircase of "if width >= w then height <= h" says it
+    exactly, one step for each width from which the tallest allowed height drops. An absent
+    side is its default (512), which no step constrains."""
+    steps: list[dict[str, Any]] = []
+    tallest = MAX_SIDE
+    for width in range(MIN_SIDE, MAX_SIDE + 1, 16):
+        height = min(MAX_SIDE, MAX_PIXELS // width // 16 * 16)
+        if height < tallest:
+            steps.append({"if": {"required": ["width"], "properties": {
+                              "width": {"type": "integer", "minimum": width}}},
+                          "then": {"properties": {"height": {"maximum": height}}}})
+            tallest = height
+    return steps
+
+
+def _generation_schema(schema: dict[str, Any]) -> None:
+    _type_required(schema)
+    schema["allOf"] = _pixel_cap_schema()
+
+
 class GenerationRequested(Frozen):
     """Generate an image. Without a seed, one is derived from the request's event id."""
+
+    # The pixel cap in the exported JSON Schema too.
+    model_config = ConfigDict(json_schema_extra=lambda schema: _generation_schema(schema))
 
     type: Literal["generation.requested"] = "generation.requested"
     prompt: Text = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -247,6 +279,10 @@ class InferenceResult(Frozen):
     of ``completed`` (the image, stored and stamped) or ``error_code`` with ``reason``. The
     job's ``workflow_id``, ``state``, ``seq`` and ``started_at`` come back unchanged."""
 
+    # "Exactly one of completed and error_code" in the exported JSON Schema too (null counts
+    # as absent). That completed.workflow_id is the job's, JSON Schema cannot say.
+    model_config = ConfigDict(json_schema_extra=lambda schema: _result_schema(schema))
+
     type: Literal["inference.result"] = "inference.result"
     workflow_id: UUID
     state: Text = Field(min_length=1, max_length=200)
@@ -263,6 +299,14 @@ class InferenceResult(Frozen):
         if self.completed is not None and self.completed.workflow_id != self.workflow_id:
             raise ValueError("completed.workflow_id is not the job's workflow_id")
         return self
+
+
+def _result_schema(schema: dict[str, Any]) -> None:
+    _type_required(schema)
+    schema["oneOf"] = [
+        {"required": ["completed"], "properties": {"completed": {"type": "object"}}},
+        {"required": ["error_code"], "properties": {"error_code": {"type": "string"}}},
+    ]
 
 
 Payload: TypeAlias = Annotated[

@@ -52,3 +52,37 @@ def contracts_check(
 
     for name, contract in load_contracts(directory).items():
         out.print(f"{name:<13} {contract.kind.value:<13} v{contract.version}  ok")
+
+
+def asyncapi_text() -> str:
+    """The AsyncAPI 3.0 document for the current STAMPFLOW_* settings (topic names, groups)."""
+    from stampflow import __version__
+    from stampflow.contracts.asyncapi import asyncapi_document, asyncapi_yaml
+    from stampflow.contracts.nodes import load_contracts
+
+    s = settings()
+    contracts = load_contracts(s.contracts_dir)
+    logical = ("requests", "events", "inference-jobs", "inference-results")
+    return asyncapi_yaml(asyncapi_document(
+        contracts, topics={t: s.topic(t) for t in logical}, dead_letter_topic=s.dlq_topic,
+        groups={name: f"{s.consumer_group_prefix}-{name}" for name, c in contracts.items()
+                if c.consumes},
+        partitions=s.topic_partitions, replicas=s.topic_replication_factor,
+        version=__version__))
+
+
+@contracts_app.command("asyncapi")
+def contracts_asyncapi(
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="Write the document here (default: standard output).")] = None,
+) -> None:
+    """Write the AsyncAPI 3.0 document of the topics and events (YAML), from the contracts."""
+    text = asyncapi_text()
+    if out_file is None:
+        print(text, end="")
+        return
+    try:
+        out_file.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise typer.BadParameter(f"{out_file}: cannot write: {err.strerror}") from None
+    out.print(f"wrote {out_file}")
