@@ -73,6 +73,15 @@ def operator_url(database_url: str, creds: Credentials) -> str:
     return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
 
 
+class OperatorConnection(asyncpg.Connection):  # type: ignore[misc]
+    """An operator's connection. Returned to its pool, it is reset without
+    ``pg_advisory_unlock_all()``: operators' roles may not call the advisory-lock functions
+    (revoked, so that no operator can hold the migration lock), and the console takes none."""
+
+    def get_reset_query(self) -> str:  # asyncpg >= 0.30
+        return "CLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+
+
 class RolePools:
     """One small pool per operator role, created on first use, checked by PostgreSQL."""
 
@@ -91,7 +100,8 @@ class RolePools:
                 pool = await asyncpg.create_pool(
                     self._config.database_url, user=creds.role, password=creds.password,
                     min_size=1, max_size=self._config.pool_size, timeout=10.0,
-                    command_timeout=30.0, **self._config.connect_options)
+                    command_timeout=30.0, connection_class=OperatorConnection,
+                    **self._config.connect_options)
             except _REFUSED:
                 raise Unauthorized("PostgreSQL refused this role and password") from None
             except (OSError, TimeoutError, asyncpg.PostgresConnectionError,
