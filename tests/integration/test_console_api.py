@@ -368,3 +368,30 @@ async def test_a_replay_happens_once(app: FastAPI, world: World) -> None:
     marked = next(d for d in listed if (d["dlq_partition"], d["dlq_offset"]) ==
                   (letter["dlq_partition"], letter["dlq_offset"]))
     assert marked["replayed"]["by_role"] == world.ops.role
+
+
+async def test_run_nodes_serves_the_console_beside_them(world: World) -> None:
+    """What `stampflow up` and the demo do: the console on the settings' host and port."""
+    import asyncio
+
+    from stampflow.app import RunningNodes, run_nodes
+
+    settings = world.stack.settings.model_copy(update={"console_port": 0})
+    stop, started, running = asyncio.Event(), asyncio.Event(), RunningNodes()
+    task = asyncio.create_task(run_nodes(settings, world.stack.endpoints, ["reducer"], stop,
+                                         started=started, running=running, console=True))
+    try:
+        await asyncio.wait_for(started.wait(), 60)
+        assert running.console_url is not None
+        assert running.console_url.startswith("http://127.0.0.1:")
+        async with httpx.AsyncClient(base_url=running.console_url) as c:
+            assert (await c.get("/api/openapi.json")).status_code == 200
+            me = await c.get("/api/me", auth=(world.limited.role, world.limited.password))
+            assert me.json() == {"role": world.limited.role, "may_replay": False}
+            assert me.headers["x-frame-options"] == "DENY"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 40)
+    async with httpx.AsyncClient(base_url=running.console_url) as c:
+        with pytest.raises(httpx.ConnectError):
+            await c.get("/api/openapi.json")
