@@ -395,3 +395,28 @@ async def test_run_nodes_serves_the_console_beside_them(world: World) -> None:
     async with httpx.AsyncClient(base_url=running.console_url) as c:
         with pytest.raises(httpx.ConnectError):
             await c.get("/api/openapi.json")
+
+
+async def test_postgresql_itself_refuses_a_replay_by_a_role_outside_stampflow_replay(
+        world: World) -> None:
+    """The console's own check aside, the claim in dlq_replays is what PostgreSQL refuses:
+    a namespace role has no INSERT there, and a member of stampflow_replay cannot force."""
+    from stampflow.console.access import operator_url
+    from stampflow.dlq import read_dead_letters, replay
+    from stampflow.errors import StampflowError
+
+    settings = world.stack.settings
+    letters = await read_dead_letters(world.config.bootstrap_servers, settings.requests_topic,
+                                      kafka=world.config.kafka)
+    dlq = settings.dlq_topic(settings.requests_topic)
+    with pytest.raises(StampflowError, match="permission denied for table dlq_replays"):
+        await replay(world.config.bootstrap_servers,
+                     operator_url(world.database_url, world.limited), dlq, letters[:1],
+                     settings.requests_topic, kafka=world.config.kafka)
+    with pytest.raises(StampflowError, match="permission denied for table dlq_replays"):
+        await replay(world.config.bootstrap_servers,
+                     operator_url(world.database_url, world.ops), dlq, letters[:1],
+                     settings.requests_topic, force=True, kafka=world.config.kafka)
+    rows = await fetch(world.database_url, 'SELECT * FROM dlq_replays WHERE partition = $1 '
+                       'AND "offset" = $2', letters[0].dlq_partition, letters[0].dlq_offset)
+    assert all(r["by_role"] != world.limited.role for r in rows)
