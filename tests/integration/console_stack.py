@@ -40,7 +40,7 @@ from stampflow.testing.stack import (
 ACME, OTHER = "acme", "other"
 ACME_STAMPS = [b"acme one", b"acme two", b"acme three", b"acme four", b"acme one"]  # a duplicate
 OTHER_STAMPS = [b"other one", b"other two"]
-POISON = [b"{console poison %d" % i for i in range(3)]
+POISON = [b"{console poison %d" % i for i in range(3)] + [b"<script>alert(1)</script>"]
 
 
 @dataclass

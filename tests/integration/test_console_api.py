@@ -290,6 +290,8 @@ async def test_dead_letters_are_listed_only_for_roles_that_may_replay(
     nav = (await get(app, world.limited, "/namespaces")).text
     assert "/dead-letters" not in nav
     assert "/dead-letters" in (await get(app, world.ops, "/namespaces")).text
+    page = (await get(app, world.ops, "/dead-letters")).text
+    assert "&lt;script&gt;alert(1)" in page and "<script>alert" not in page  # data is text
 
 
 async def test_a_replay_without_a_valid_token_or_origin_is_refused(
