@@ -59,6 +59,7 @@ class RunningNodes:
     reducers: list[Reducer] = field(default_factory=list)
     workers: list[InferenceWorker] = field(default_factory=list)
     health: HealthServer | None = None
+    console_url: str | None = None  # the operator console's address, when it runs here
 
     def ready(self) -> bool:
         nodes: Iterable[Orchestrator | Reducer | InferenceWorker] = [
@@ -144,8 +145,10 @@ async def run_nodes(
     contracts: dict[str, NodeContract] | None = None,
     started: asyncio.Event | None = None,
     running: RunningNodes | None = None,
+    console: bool = False,
 ) -> RunningNodes:
-    """Run the named nodes in this process until ``stop`` is set; return when all stopped."""
+    """Run the named nodes in this process until ``stop`` is set; return when all stopped.
+    ``console``: serve the operator console beside them (`stampflow up`, the demo)."""
     unknown = set(nodes) - set(NODE_NAMES)
     if unknown:
         raise ValueError(f"unknown node(s) {sorted(unknown)}; known: {', '.join(NODE_NAMES)}")
@@ -197,6 +200,12 @@ async def run_nodes(
         running.health = health
         stack.push_async_callback(bounded, health.stop(), "health server stop", 3.0,
                                   log.warning)
+        if console:
+            from stampflow.console import start_console
+
+            server = await start_console(settings, endpoints)
+            running.console_url = server.url
+            stack.push_async_callback(bounded, server.stop(), "console stop", 6.0, log.warning)
         if settings.gc_tuning:
             tune_gc()
         log.info("nodes running", nodes=list(nodes), health_host=settings.http_host,

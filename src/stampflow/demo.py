@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -25,18 +26,19 @@ import asyncpg
 from blake3 import blake3
 from rich.console import Console
 
-from stampflow.app import NODE_NAMES, run_nodes
+from stampflow.app import NODE_NAMES, RunningNodes, run_nodes
 from stampflow.client import Client
 from stampflow.contracts.events import GenerationRequested
 from stampflow.errors import StampflowError
 from stampflow.inference import make_tiny_flux
 from stampflow.observability import redact
-from stampflow.queries import summary
+from stampflow.queries import create_role, summary
 from stampflow.services import EmbeddedServices
 from stampflow.settings import Settings
 
 NAMESPACES = ("alpha", "beta", "gamma", "delta")
 DEMO_MODEL = "demo-tiny-flux"
+DEMO_OPERATOR = "demo_operator"
 
 
 @dataclass
@@ -83,7 +85,7 @@ def make_sample(root: Path, per_namespace: int, seed: int = 7) -> dict[str, list
 
 
 def run_demo(settings: Settings, *, per_namespace: int, generations: int,
-             console: Console) -> list[dict[str, Any]]:
+             console: Console, serve: bool = False) -> list[dict[str, Any]]:
     base = settings.state_dir.resolve()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="demo-", dir=base))
@@ -101,19 +103,28 @@ def run_demo(settings: Settings, *, per_namespace: int, generations: int,
         with EmbeddedServices(s.state_dir) as services:
             console.print(f"[dim]PostgreSQL {redact(services.endpoints.database_url)}  "
                           f"Kafka {services.endpoints.bootstrap_servers}[/dim]")
-            return asyncio.run(_demo(s, services, files, generations, console))
+            return asyncio.run(_demo(s, services, files, generations, console, serve))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 async def _demo(s: Settings, services: EmbeddedServices, files: dict[str, list[Path]],
-                generations: int, console: Console) -> list[dict[str, Any]]:
+                generations: int, console: Console, serve: bool = False) -> list[dict[str, Any]]:
     endpoints = services.endpoints
     stop = asyncio.Event()
     started = asyncio.Event()
-    nodes = asyncio.create_task(run_nodes(s, endpoints, list(NODE_NAMES), stop, started=started))
+    running = RunningNodes()
+    nodes = asyncio.create_task(run_nodes(s, endpoints, list(NODE_NAMES), stop, started=started,
+                                          running=running, console=True))
     try:
         await asyncio.wait_for(started.wait(), timeout=60)
+        # An operator for the console: every demo namespace, and the replay of dead letters.
+        password = secrets.token_urlsafe(12)
+        await create_role(endpoints.database_url, DEMO_OPERATOR, list(NAMESPACES), password,
+                          replay=True)
+        console.print(f"console {running.console_url}: log in as {DEMO_OPERATOR}, password "
+                      f"{password} (this demo's throwaway server)", markup=False,
+                      highlight=False)
         expected = {ns: Expected() for ns in NAMESPACES}
         t0 = time.perf_counter()
         async with Client(s, endpoints, source="demo") as client:
@@ -143,6 +154,10 @@ async def _demo(s: Settings, services: EmbeddedServices, files: dict[str, list[P
         console.print(f"all {total} workflows finished in {elapsed:.2f}s")
         _check(rows, expected, await _stamped_bytes(endpoints.database_url))
         console.print("[green]aggregates match the ground truth computed from the requests[/]")
+        if serve:
+            console.print(f"serving the console on {running.console_url} until Ctrl-C",
+                          markup=False, highlight=False)
+            await asyncio.Event().wait()
         return rows
     finally:
         stop.set()

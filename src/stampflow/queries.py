@@ -85,8 +85,11 @@ def check_role_name(role: str) -> str:
     return role
 
 
-async def create_role(url: str, role: str, namespaces: list[str], password: str | None) -> None:
-    """A login role that reads only ``namespaces`` (row-level security on every table).
+async def create_role(url: str, role: str, namespaces: list[str], password: str | None,
+                      *, replay: bool = False) -> None:
+    """A login role that reads only ``namespaces`` (row-level security on every table);
+    ``replay`` makes it a member of ``stampflow_replay`` (migration 0004: it may replay dead
+    letters from the console).
 
     The password travels as a SCRAM verifier where it can (stampflow.services.password_clause),
     so that not even a failed statement in the server's log shows it.
@@ -97,7 +100,7 @@ async def create_role(url: str, role: str, namespaces: list[str], password: str 
             raise StampflowError(f"{namespace!r}: not a valid namespace")
     conn = await connect(url)
     try:
-        await _create_role(conn, role, namespaces, password)
+        await _create_role(conn, role, namespaces, password, replay=replay)
     except asyncpg.PostgresError as err:
         raise StampflowError(f"PostgreSQL at {database_address(url)}: cannot create role "
                              f"{role}: {' '.join(str(err).split())}") from None
@@ -106,7 +109,7 @@ async def create_role(url: str, role: str, namespaces: list[str], password: str 
 
 
 async def _create_role(conn: asyncpg.Connection, role: str, namespaces: list[str],
-                       password: str | None) -> None:
+                       password: str | None, *, replay: bool = False) -> None:
     async with conn.transaction():
         found = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_roles "
                                     "WHERE rolname = $1", role)
@@ -124,3 +127,5 @@ async def _create_role(conn: asyncpg.Connection, role: str, namespaces: list[str
             "SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
             role, namespaces,
         )
+        if replay:
+            await conn.execute(f'GRANT stampflow_replay TO "{role}"')

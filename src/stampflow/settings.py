@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     # 9464 by default. Several node processes on one machine: one left on the default takes a
     # free port when it is taken (app.start_health); 0: any free port, logged at start-up.
     http_port: int = Field(default=9464, ge=0, le=65535)
+    # The operator console (`stampflow console`, and inside `stampflow up` and the demo).
+    # Loopback by default: operators log in with their PostgreSQL role over plain HTTP, so put
+    # it behind a TLS-terminating proxy before binding it anywhere else. 0: any free port.
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8470, ge=0, le=65535)
     log_level: str = "INFO"
     log_format: str = "json"  # json | console
 

@@ -14,7 +14,7 @@ import typer
 from stampflow.cli.common import UsageError, endpoints_for, err, out, run, settings
 from stampflow.cli.dlq import dlq_app
 from stampflow.cli.models import models_app
-from stampflow.cli.nodes import demo_cmd, run_cmd, up_cmd
+from stampflow.cli.nodes import console_cmd, demo_cmd, run_cmd, up_cmd
 from stampflow.cli.retention import retention_cmd
 from stampflow.cli.roles import roles_app
 from stampflow.cli.schema import contracts_app, migrate_cmd
@@ -41,6 +41,7 @@ app.command("stamp")(stamp_cmd)
 app.command("run")(run_cmd)
 app.command("up")(up_cmd)
 app.command("demo")(demo_cmd)
+app.command("console")(console_cmd)
 app.command("status")(status_cmd)
 app.command("check")(check_cmd)
 app.command("workflows")(workflows_cmd)

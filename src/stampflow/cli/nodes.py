@@ -79,14 +79,43 @@ def up_cmd() -> None:
         async def main() -> None:
             stop = asyncio.Event()
             with _signals(stop):
-                await run_nodes(s, endpoints, list(NODE_NAMES), stop)
+                await run_nodes(s, endpoints, list(NODE_NAMES), stop, console=True)
 
         run(main())
+
+
+def console_cmd() -> None:
+    """Serve the operator console (STAMPFLOW_CONSOLE_HOST:_PORT, 127.0.0.1:8470) until Ctrl-C.
+
+    Operators log in with their PostgreSQL role and password (`stampflow roles create`):
+    row-level security decides what each sees.
+    """
+    from stampflow.console import start_console
+
+    s = settings()
+    configure_logging(s.log_level, s.log_format)
+    endpoints = endpoints_for(s)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        with _signals(stop):
+            server = await start_console(s, endpoints)
+            err.print(f"stampflow console on {server.url} (log in with a PostgreSQL role)",
+                      markup=False, highlight=False)
+            try:
+                await stop.wait()
+            finally:
+                await server.stop()
+
+    run(main())
 
 
 def demo_cmd(
     per_namespace: Annotated[int, typer.Option(help="Stamp requests per namespace.")] = 25,
     generations: Annotated[int, typer.Option(help="Generations per namespace.")] = 2,
+    serve: Annotated[bool, typer.Option(
+        "--serve", help="Keep the console (and the nodes) running after the check, until "
+        "Ctrl-C.")] = False,
 ) -> None:
     """The main job: stamp content and generate images in 4 namespaces, print the aggregates."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -95,5 +124,6 @@ def demo_cmd(
 
     s = settings()
     configure_logging("WARNING", "console")
-    rows = run_demo(s, per_namespace=per_namespace, generations=generations, console=err)
+    rows = run_demo(s, per_namespace=per_namespace, generations=generations, console=err,
+                    serve=serve)
     _print_summary(rows, title="stampflow demo: per-namespace aggregates")

@@ -32,6 +32,9 @@ def roles_create(
     password_prompt: Annotated[bool, typer.Option(
         "--password-prompt", help="Ask for the login password (hidden, typed twice).")]
     = False,
+    replay: Annotated[bool, typer.Option(
+        "--replay", help="May also replay dead letters in the console (stampflow_replay).")]
+    = False,
 ) -> None:
     """Create (or extend) a login role that can read only the given namespaces.
 
@@ -52,5 +55,6 @@ def roles_create(
     if password is not None and not password:
         raise UsageError("the password is empty")
     url = endpoints_for(settings(), need_broker=False).database_url
-    run(create_role(url, role, namespace, password))
-    out.print(_text(f"role {role} may read namespace(s): {', '.join(namespace)}"))
+    run(create_role(url, role, namespace, password, replay=replay))
+    out.print(_text(f"role {role} may read namespace(s): {', '.join(namespace)}"
+                    + ("; and replay dead letters" if replay else "")))
