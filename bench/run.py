@@ -666,6 +666,10 @@ def markdown(result: Result) -> str:
         f"bare {b['stamps_per_s']:.0f}, stampflow {s['stamps_per_s']:.0f}"
         for b, s in zip(e["bare"], e["stampflow"], strict=True))
         + f". Per-pair ratios: {', '.join(f'{r:.2f}' for r in e['round_ratios'])}. "
+        "Requests taken by the first stage before the clock started (it joined before the "
+        "second stage did): " + "; ".join(
+            f"bare {b['consumed_before_clock']}, stampflow {s['consumed_before_clock']}"
+            for b, s in zip(e["bare"], e["stampflow"], strict=True)) + ". "
         f"Reducer batch p50 in the stampflow drains: "
         f"{statistics.median(r['reducer_batch_p50'] for r in e['stampflow']):.0f} events; "
         f"the bare pipeline's COPY batch p50: "
