@@ -282,7 +282,10 @@ async def drain(bootstrap: str, database_url: str, requests_topic: str, events_t
             profile.enable()
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeout
+        stage1 = None  # when stage 1 had every request's events acknowledged
         while await finished(database_url) < n:
+            if stage1 is None and pipeline.requests >= n and pipeline.events >= 6 * n:
+                stage1 = time.perf_counter() - t0
             pipeline.check()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the bare pipeline finished {await finished(database_url)}"
@@ -294,6 +297,7 @@ async def drain(bootstrap: str, database_url: str, requests_topic: str, events_t
         result: dict[str, Any] = {
             "requests": n, "seconds": elapsed, "stamps_per_s": n / elapsed,
             "consumed_before_clock": head_start,
+            "first_stage_done_s": stage1 if stage1 is not None else elapsed,
             "consumed": pipeline.requests, "events_produced": pipeline.events,
             "events_read": pipeline.events_read,
             "copy_batch_p50": sorted(pipeline.batches)[len(pipeline.batches) // 2]}

@@ -228,7 +228,11 @@ async def bench_throughput(admin: Endpoints, work: Path, n: int, pids: Pids,
     if profile is not None:
         profile.enable()
     t0 = time.perf_counter()  # the backlog is waiting; time from the moment the nodes joined
+    stage1 = None  # when the orchestrator had taken every request (its events acknowledged)
+    orchestrator = running.orchestrators[0]
     while await finished(endpoints.database_url) < n:
+        if stage1 is None and orchestrator.processed >= n:
+            stage1 = time.perf_counter() - t0
         await asyncio.sleep(0.05)
     elapsed = time.perf_counter() - t0
     if profile is not None:
@@ -239,6 +243,7 @@ async def bench_throughput(admin: Endpoints, work: Path, n: int, pids: Pids,
     batches = running.reducers[0].batches
     return {"requests": n, "seconds": elapsed, "stamps_per_s": n / elapsed, **used,
             "consumed_before_clock": head_start,
+            "first_stage_done_s": stage1 if stage1 is not None else elapsed,
             "reducer_batch_p50": statistics.median(batches) if batches else 0,
             "reducer_batch_max": max(batches) if batches else 0}
 
@@ -669,6 +674,11 @@ def markdown(result: Result) -> str:
         "Requests taken by the first stage before the clock started (it joined before the "
         "second stage did): " + "; ".join(
             f"bare {b['consumed_before_clock']}, stampflow {s['consumed_before_clock']}"
+            for b, s in zip(e["bare"], e["stampflow"], strict=True)) + ". "
+        "Seconds until the first stage (orchestrator) had acknowledged every request's "
+        "events, of the whole drain: " + "; ".join(
+            f"bare {b['first_stage_done_s']:.1f} of {b['seconds']:.1f}, stampflow "
+            f"{s['first_stage_done_s']:.1f} of {s['seconds']:.1f}"
             for b, s in zip(e["bare"], e["stampflow"], strict=True)) + ". "
         f"Reducer batch p50 in the stampflow drains: "
         f"{statistics.median(r['reducer_batch_p50'] for r in e['stampflow']):.0f} events; "
