@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -702,6 +703,8 @@ def markdown(result: Result) -> str:
                 f"| {c['cpu_us_per_event_gc_default']:.1f} µs ({c['events_per_s_gc_default']:.0f}"
                 f" events/s) | {c['cpu_us_per_event_gc_tuned']:.1f} µs "
                 f"({c['events_per_s_gc_tuned']:.0f} events/s) | {c['cpu_ratio']:.2f}× CPU |"]
+    if "generation_error" in result:
+        out += ["", "## Generation", "", f"Failed: `{result['generation_error']}`."]
     if "generation" in result:
         from bench.generation import markdown as generation_markdown
 
@@ -753,7 +756,11 @@ async def main_async(args: argparse.Namespace) -> Result:
 
         print("generation ...", file=sys.stderr)
         gen_args = argparse.Namespace(quick=args.quick, threads=min(2, os.cpu_count() or 1))
-        result["generation"] = await generation.main_async(gen_args)
+        try:
+            result["generation"] = await generation.main_async(gen_args)
+        except Exception as err:  # noqa: BLE001 - keep what was measured; main() exits 1
+            traceback.print_exc()
+            result["generation_error"] = repr(err)
     return result
 
 
@@ -775,6 +782,8 @@ def main() -> None:
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         (args.out / f"{name}.md").write_text(md)
     print(md)
+    if "generation_error" in result:
+        sys.exit(f"the generation benchmark failed: {result['generation_error']}")
 
 
 if __name__ == "__main__":
