@@ -691,8 +691,10 @@ def markdown(result: Result) -> str:
         f"the bare pipeline's COPY batch p50: "
         f"{statistics.median(r['copy_batch_p50'] for r in e['bare']):.0f} rows."]
     if "profile" in result:
-        out += ["", "Profile of one more drain each (cProfile, this process; "
-                "`profile-e2e.txt`): self time by package, µs per workflow:", "",
+        out += ["", "Profile of one more drain each (cProfile in CPU time, this process; "
+                "`profile-e2e.txt`): self time by package, µs per workflow under the profiler "
+                "(it inflates Python code: compare the columns, not these with the CPU table "
+                "above):", "",
                 "| package | stampflow | bare |", "| --- | --- | --- |"]
         pk = {k: v["by_package_us"] for k, v in result["profile"].items()}
         keys = sorted(set(pk["stampflow"]) | set(pk["bare"]),
