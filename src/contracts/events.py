@@ -444,6 +444,26 @@ def envelope_for(
     )
 
 
+def envelope_of_validated(
+    payload: Any,
+    *,
+    namespace: str,
+    event_id: UUID,
+    correlation_id: UUID,
+    causation_id: UUID | None,
+    source: str,
+    occurred_at: datetime,
+) -> Envelope:
+    """:func:`envelope_for` without validating again what is valid already: ``payload`` a
+    validated model, ``namespace`` taken from a validated envelope, ``occurred_at`` aware.
+    For the events a node builds from what it consumed (about 5 µs an event saved; a reader
+    still validates every message it decodes). The tests compare it with envelope_for."""
+    return Envelope.model_construct(
+        event_id=event_id, event_type=payload.type, event_version=1, namespace=namespace,
+        correlation_id=correlation_id, causation_id=causation_id, occurred_at=occurred_at,
+        source=source, payload=payload)
+
+
 def probe_identity(raw: bytes) -> tuple[str, UUID] | None:
     """Best effort: the namespace and event id of a message that failed validation.
 

@@ -503,3 +503,19 @@ def test_step_never_raises_and_seq_always_grows_by_one(data: st.DataObject) -> N
     assert seqs == list(range(1, len(seqs) + 1))
     assert wf.seq == seqs[-1]
     assert finished == (1 if c.machines[wf.kind].is_terminal(wf.state) else 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_every_event_the_core_emits_is_what_validation_would_build(data: st.DataObject) -> None:
+    """The orchestrator builds its events without validating them again
+    (envelope_of_validated): each must equal what decoding its own bytes gives."""
+    from stampflow.contracts.events import decode
+
+    c = core(limit=data.draw(st.integers(1, 10)))
+    events = run_stamp(c, request(data.draw(st.sampled_from(["a", "n-1", "x_y"])),
+                                  content=data.draw(st.binary(min_size=1, max_size=20))),
+                       fail=data.draw(st.booleans()))
+    assert events
+    for envelope in events:
+        assert decode(envelope.to_bytes()) == envelope
