@@ -5,6 +5,9 @@
 CREATE INDEX workflows_created_keyset ON workflows (created_at DESC, workflow_id DESC);
 CREATE INDEX workflows_namespace_created_keyset
     ON workflows (namespace, created_at DESC, workflow_id DESC);
+-- One workflow's page shows the image with what was asked for (new generations carry it).
+ALTER TABLE generations ADD COLUMN prompt text, ADD COLUMN negative_prompt text;
+
 -- An image URL names its content hash: /artifacts/<hash>.png looks it up here, as the operator.
 CREATE INDEX generations_hash ON generations (hash);
 

@@ -234,6 +234,9 @@ class GenerationCompleted(Frozen):
     truncated_tokens: int = Field(default=0, ge=0, le=INT4_MAX)
     negative_prompt_ignored: bool = False
     batch_size: int = Field(default=1, ge=1, le=INT4_MAX)
+    # What was asked for, so operators see it beside the picture (absent from older events).
+    prompt: Text | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Text | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     timings_ms: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
         default_factory=dict)
 

@@ -220,6 +220,7 @@ class InferenceEffectNode:
             truncated_tokens=image.truncated_tokens,
             negative_prompt_ignored=image.negative_prompt_ignored,
             batch_size=image.batch_size, timings_ms=timings,
+            prompt=request.prompt, negative_prompt=request.negative_prompt,
         )
 
 

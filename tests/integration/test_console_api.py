@@ -120,6 +120,10 @@ async def test_another_namespaces_workflow_and_image_are_404_by_url(app: FastAPI
     own = world.workflow(ACME, "generation")
     detail = (await get(app, world.limited, f"/api/workflows/{own['workflow_id']}")).json()
     assert detail["generation"]["image_url"] == f"/artifacts/{world.images[ACME]}.png"
+    # The image comes with what was asked for, on the page too (escaped by the template).
+    assert detail["generation"]["prompt"] == "a console test picture 11"
+    page = (await get(app, world.limited, f"/workflows/{own['workflow_id']}")).text
+    assert "a console test picture 11" in page
 
 
 async def test_an_image_is_served_by_hash_and_cached_as_immutable(app: FastAPI,

@@ -87,6 +87,8 @@ class GenerationRow:
     truncated_tokens: int
     negative_prompt_ignored: bool
     created_at: datetime
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +370,7 @@ class _Reduction:
             device=event.device, batch_size=event.batch_size, compute_seconds=seconds,
             prompt_tokens=event.prompt_tokens, truncated_tokens=event.truncated_tokens,
             negative_prompt_ignored=event.negative_prompt_ignored,
+            prompt=event.prompt, negative_prompt=event.negative_prompt,
             created_at=envelope.occurred_at,
         ))
         self._new_stamp(StampRow(

@@ -260,11 +260,13 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
             """
             INSERT INTO generations (workflow_id, namespace, artifact_uri, hash, size, seed,
                 width, height, steps, model, device, batch_size, compute_seconds,
-                prompt_tokens, truncated_tokens, negative_prompt_ignored, created_at)
+                prompt_tokens, truncated_tokens, negative_prompt_ignored, created_at,
+                prompt, negative_prompt)
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
                                  $6::bigint[], $7::int[], $8::int[], $9::int[], $10::text[],
                                  $11::text[], $12::int[], $13::float8[], $14::int[],
-                                 $15::int[], $16::bool[], $17::timestamptz[])
+                                 $15::int[], $16::bool[], $17::timestamptz[], $18::text[],
+                                 $19::text[])
             ON CONFLICT DO NOTHING
             """,
             [r.workflow_id for r in g], [r.namespace for r in g], [r.artifact_uri for r in g],
@@ -273,6 +275,7 @@ async def _write(conn: asyncpg.Connection, writes: Writes) -> None:
             [r.device for r in g], [r.batch_size for r in g], [r.compute_seconds for r in g],
             [r.prompt_tokens for r in g], [r.truncated_tokens for r in g],
             [r.negative_prompt_ignored for r in g], [r.created_at for r in g],
+            [r.prompt for r in g], [r.negative_prompt for r in g],
         )
     if writes.transitions:
         # COPY and INSERT ... SELECT: about half the time of unnest() for the most numerous

@@ -110,6 +110,8 @@ class Generation(Model):
     truncated_tokens: int
     negative_prompt_ignored: bool
     created_at: datetime
+    prompt: str | None = None  # None for generations recorded before prompts were kept
+    negative_prompt: str | None = None
     # The console's URL of the image (served through the console, cached by hash).
     image_url: str
 
