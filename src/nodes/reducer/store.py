@@ -11,7 +11,10 @@ Records are keyed by workflow, so all of a workflow's events lie in one partitio
 topic. Two reducers see the same records only while a rebalance moves a partition, and then a
 transaction lock per (topic, partition), taken first and in a fixed order, makes the second
 wait for the first's commit and see its ids. The workflow rows are then locked FOR UPDATE,
-which also orders two reducers that meet on one workflow by any other path.
+which also orders two reducers that meet on an existing workflow by any other path. Not
+covered: the same first event of a workflow on two partitions at once, which only a producer
+that ignores the key (or a change of the partition count while records are re-delivered)
+could cause.
 
 The aggregates are added to, never overwritten; what two reducers could both decide alone is
 whether a stamp is new in its namespace: a transaction lock per (namespace, hash), taken in a
