@@ -356,7 +356,7 @@ async def warn_on_topic_retention(settings: Settings, endpoints: Endpoints) -> N
         retention_ms = await topic_retention_ms(endpoints.bootstrap_servers,
                                                 settings.events_topic, kafka=endpoints.kafka)
     except Exception as err:  # noqa: BLE001 - a warning's input; the node goes on
-        log.warning("could not read the events topic's retention", error=str(err))
+        log.info("could not read the events topic's retention", error=str(err))
         return
     problem = topic_retention_problem(retention_ms, settings.history_retention_days)
     if problem is not None:

@@ -121,7 +121,7 @@ async def test_pages_render_with_real_data(browser: Browser, world: World) -> No
         assert steps == ["received", "generating", "stamping", "completed"]
         assert await _images_shown(page, "#image") == [64]
         facts = await page.text_content("#generation")
-        assert facts is not None and "not stored" in facts and "tiny" in facts
+        assert facts is not None and "a console test picture 11" in facts and "tiny" in facts
         await _shot(page, "workflow-generation")
 
         stamp = next(w for w in world.workflows[ACME]
