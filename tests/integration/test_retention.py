@@ -207,3 +207,35 @@ async def test_the_cheaper_hash_check_refuses_what_the_regex_refused(
                 "stamped_at) VALUES ('a', $1, 1, 'x', gen_random_uuid(), now())", bad)
     finally:
         await conn.close()
+
+
+async def test_maintenance_gives_way_to_a_busy_table_and_leaves_nothing_half_made(
+    fresh_database_url: str,
+) -> None:
+    """A reducer's transaction holds the default partition: maintenance must fail within its
+    lock timeout (not stall the reducers behind it), make nothing, and let the next run go on."""
+    url = fresh_database_url
+    await migrate(url)
+    before = {p.name for p in await _partitions(url)}
+    holder = await asyncpg.connect(url)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("LOCK TABLE workflows_default IN ROW EXCLUSIVE MODE")
+        conn = await asyncpg.connect(url)
+        try:
+            t0 = datetime.now(UTC)
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await retention.maintain(conn, keep_days=30, ahead_days=2, lock_timeout_ms=300)
+            assert (datetime.now(UTC) - t0).total_seconds() < 5
+            assert {p.name for p in await _partitions(url)} == before
+            assert await conn.fetchval(  # the maintenance lock went with the failed run
+                "SELECT pg_try_advisory_lock($1, $2)", *retention.MAINTENANCE_LOCK)
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", *retention.MAINTENANCE_LOCK)
+        finally:
+            await conn.close()
+        await tx.rollback()
+    finally:
+        await holder.close()
+    report = await _maintain(url, keep_days=30, ahead_days=2)
+    assert len(report.created) == 2 * len(retention.HISTORY_TABLES)

@@ -181,3 +181,52 @@ def test_the_fold_never_changes_the_rows_it_was_given() -> None:
     (row,) = writes.workflows.values()
     assert row.state == "completed" and row is not next(iter(state.workflows.values()))
     assert later.workflows[row.workflow_id] is row
+
+
+# --- the reducer's maintenance loop ------------------------------------------------------------
+
+
+class _Store:
+    """A store whose retention run fails, then hangs: what a refusing, then hung, database
+    does to it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def maintain(self, *, keep_days: int, ahead_days: int) -> retention.Report:
+        import asyncio
+
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionRefusedError("PostgreSQL refused")
+        await asyncio.Event().wait()  # hangs until cancelled
+        raise AssertionError("unreachable")
+
+
+def _reducer(store: _Store, interval: float, timeout: float) -> object:
+    from stampflow.contracts.nodes import builtin_contract
+    from stampflow.nodes.reducer.runner import Reducer, ReducerConfig
+
+    config = ReducerConfig(events_topic="e", group_id="g", max_batch_size=10,
+                           max_batch_wait_ms=10, retention_days=30,
+                           maintenance_interval_s=interval, maintenance_timeout_s=timeout)
+    return Reducer(contract=builtin_contract("reducer"), config=config, consumer=None,  # type: ignore[arg-type]
+                   store=store, publisher=None)  # type: ignore[arg-type]
+
+
+async def test_maintenance_outlives_a_refusing_and_a_hung_database_and_stops_at_once() -> None:
+    import asyncio
+    import time
+
+    store = _Store()
+    reducer = _reducer(store, interval=0.05, timeout=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(reducer._maintain(stop))  # type: ignore[attr-defined]
+    await asyncio.sleep(0.6)  # refused, then hung past its timeout, then tried again
+    assert not task.done()
+    assert store.calls >= 3, store.calls
+    t0 = time.monotonic()
+    stop.set()
+    task.cancel()  # as run() does on its way out, whatever the run is waiting for
+    await asyncio.gather(task, return_exceptions=True)
+    assert time.monotonic() - t0 < 1.0

@@ -67,6 +67,7 @@ class ReducerConfig:
     retention_days: int = 0
     partitions_ahead: int = 3
     maintenance_interval_s: float = 0.0
+    maintenance_timeout_s: float = 60.0  # one run at most; a hung database ends it there
 
 
 class Reducer:
@@ -115,8 +116,9 @@ class Reducer:
         finally:
             self.ready = False
             if maintenance is not None:
-                maintenance.cancel()
-                await asyncio.gather(maintenance, return_exceptions=True)
+                maintenance.cancel()  # a hung database must not hold the way out either
+                await bounded(asyncio.gather(maintenance, return_exceptions=True),
+                              "history maintenance", self.config.shutdown_call_s, log.warning)
             await bounded(self.consumer.stop(), "consumer stop", self.config.shutdown_call_s,
                           log.warning)
             log.info("reducer stopped", applied=self.applied, duplicates=self.duplicates)
@@ -130,7 +132,7 @@ class Reducer:
                 report = await asyncio.wait_for(
                     self.store.maintain(keep_days=self.config.retention_days,
                                         ahead_days=self.config.partitions_ahead),
-                    timeout=60.0)
+                    timeout=self.config.maintenance_timeout_s)
                 if report.created or report.dropped:
                     log.info("history partitions maintained", created=len(report.created),
                              dropped=list(report.dropped), moved_rows=report.moved)
