@@ -93,7 +93,9 @@ class Stamp(Model):
     stamped_at: datetime
 
 
-class Generation(Model):
+class Image(Model):
+    """One generated image, as the gallery lists it."""
+
     workflow_id: UUID
     namespace: str
     hash: str
@@ -103,17 +105,22 @@ class Generation(Model):
     height: int
     steps: int
     model: str
+    compute_seconds: float
+    created_at: datetime
+    # The console's URL of the image (served through the console, cached by hash).
+    image_url: str
+
+
+class Generation(Image):
+    """One generated image with everything recorded about its making (a workflow's page)."""
+
     device: str
     batch_size: int
-    compute_seconds: float
     prompt_tokens: int
     truncated_tokens: int
     negative_prompt_ignored: bool
-    created_at: datetime
     prompt: str | None = None  # None for generations recorded before prompts were kept
     negative_prompt: str | None = None
-    # The console's URL of the image (served through the console, cached by hash).
-    image_url: str
 
 
 class WorkflowDetail(Model):
@@ -121,21 +128,6 @@ class WorkflowDetail(Model):
     transitions: list[Transition]
     stamp: Stamp | None
     generation: Generation | None
-
-
-class Image(Model):
-    workflow_id: UUID
-    namespace: str
-    hash: str
-    size: int
-    seed: int
-    width: int
-    height: int
-    steps: int
-    model: str
-    compute_seconds: float
-    created_at: datetime
-    image_url: str
 
 
 class ImagePage(Model):

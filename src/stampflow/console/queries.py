@@ -69,15 +69,22 @@ async def workflows(conn: asyncpg.Connection, f: WorkflowFilter, after: Cursor |
     """A page, newest first, after ``after`` (keyset: index workflows_*created_keyset);
     ``limit + 1`` rows at most, so the caller knows whether there is a next page."""
     args: list[Any] = []
-    conditions = _where(f, args)
+    return await _page(conn, f"SELECT {_WORKFLOW_COLUMNS} FROM workflows",
+                       _where(f, args), args, after, limit)
+
+
+async def _page(conn: asyncpg.Connection, select: str, conditions: list[str], args: list[Any],
+                after: Cursor | None, limit: int) -> list[Row]:
+    """``select`` under ``conditions``, newest first, after ``after`` (keyset on created_at,
+    workflow_id); ``limit + 1`` rows at most, so the caller knows whether there is a next
+    page."""
     if after is not None:
         args += [after.created_at, after.workflow_id]
         conditions.append(f"(created_at, workflow_id) < (${len(args) - 1}, ${len(args)})")
     args.append(limit + 1)
     where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
     return _rows(await conn.fetch(
-        f"SELECT {_WORKFLOW_COLUMNS} FROM workflows {where}"
-        f"ORDER BY created_at DESC, workflow_id DESC LIMIT ${len(args)}", *args))
+        f"{select} {where}ORDER BY created_at DESC, workflow_id DESC LIMIT ${len(args)}", *args))
 
 
 async def newer_workflows(conn: asyncpg.Connection, f: WorkflowFilter, than: Cursor,
@@ -121,20 +128,11 @@ async def generation(conn: asyncpg.Connection, workflow_id: UUID) -> Row | None:
 async def images(conn: asyncpg.Connection, namespace: str | None, after: Cursor | None,
                  limit: int) -> list[Row]:
     """Generated images, newest first (keyset on created_at, workflow_id); limit + 1 rows."""
-    args: list[Any] = []
-    conditions = []
-    if namespace is not None:
-        args.append(namespace)
-        conditions.append(f"namespace = ${len(args)}")
-    if after is not None:
-        args += [after.created_at, after.workflow_id]
-        conditions.append(f"(created_at, workflow_id) < (${len(args) - 1}, ${len(args)})")
-    args.append(limit + 1)
-    where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
-    return _rows(await conn.fetch(
-        "SELECT workflow_id, namespace, hash, size, seed, width, height, steps, model, "
-        f"compute_seconds, created_at FROM generations {where}"
-        f"ORDER BY created_at DESC, workflow_id DESC LIMIT ${len(args)}", *args))
+    args: list[Any] = [] if namespace is None else [namespace]
+    conditions = [] if namespace is None else ["namespace = $1"]
+    return await _page(
+        conn, "SELECT workflow_id, namespace, hash, size, seed, width, height, steps, model, "
+        "compute_seconds, created_at FROM generations", conditions, args, after, limit)
 
 
 async def image_visible(conn: asyncpg.Connection, hash_hex: str) -> bool:
