@@ -31,13 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from uuid import uuid4
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from blake3 import blake3
 
 from stampflow.bus import FETCH_MAX_WAIT_MS, HEARTBEAT_INTERVAL_MS, SESSION_TIMEOUT_MS
+from stampflow.contracts.events import new_event_id
 
 # (scratch table, the table whose shape it copies)
 SCRATCH = (("bare_workflows", "workflows"), ("bare_transitions", "workflow_transitions"),
@@ -93,7 +93,7 @@ def event_templates() -> list[tuple[str, str]]:
 
     core = OrchestratorCore(builtin_contract("orchestrator"), Limits(1 << 20))
     now = datetime.now(UTC)
-    rid = uuid4()
+    rid = new_event_id()
     digest = blake3(rid.bytes).hexdigest()
     req = envelope_for(StampRequested(content=b"eA=="), namespace="nsz", event_id=rid,
                        correlation_id=rid, causation_id=None, source="bench", occurred_at=now)
@@ -202,11 +202,11 @@ class BarePipeline:
                     content = base64.b64decode(req["payload"]["content"])
                     digest = blake3(content).hexdigest()
                     rid, ns = req["event_id"], req["namespace"]
-                    wf = str(uuid4())
+                    wf = str(new_event_id())
                     key = wf.encode()
                     ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
                     for _, template in templates:
-                        value = template.format(eid=uuid4(), rid=rid, wf=wf, digest=digest,
+                        value = template.format(eid=new_event_id(), rid=rid, wf=wf, digest=digest,
                                                 ts=ts, ns=ns).encode()
                         deliveries.append(await send(topic, value=value, key=key))
                     self.requests += 1

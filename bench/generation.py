@@ -36,7 +36,7 @@ from bench.common import fresh_db, machine_info, pct
 from stampflow.app import RunningNodes, run_nodes
 from stampflow.bus import make_consumer
 from stampflow.client import Client
-from stampflow.contracts.events import GenerationRequested, decode
+from stampflow.contracts.events import GenerationRequested, decode, new_event_id
 from stampflow.contracts.nodes import BatchingPolicy, IoPolicy, builtin_contract, load_contracts
 from stampflow.inference import ArtifactStore, InferenceEffectNode, ModelRegistry, make_tiny_flux
 from stampflow.inference.effect import JobOwner
@@ -186,7 +186,7 @@ async def bench_e2e(admin: Endpoints, work: Path, model_dir: Path, n: int, warmu
     try:
         async with Client(s, endpoints, source="bench") as client:
             for i in range(warmup + n):
-                rid = uuid.uuid4()
+                rid = new_event_id()
                 done[rid] = asyncio.get_running_loop().create_future()
                 t0 = time.perf_counter()
                 await client.submit_generation("bench", request(i), event_id=rid)

@@ -5,10 +5,13 @@ prior events in the database, and PostgreSQL's bytes per workflow.
 `results/history.{json,md}`). Prior events are written straight into the tables as the reducer
 would have left them (stamp workflows of six events: one workflow row with its six applied ids,
 four transitions, one stamp), in the partition that today's rows go to (the worst case for one
-partition's indexes). Then the same fresh workload (decoded envelopes, batches of 5,000,
-through `ReducerStore.apply`, as the reducer node calls it) is timed, three rounds each, in
-the same database growing from one step to the next. Reported: events/s per step and each
-step's ratio to the first.
+partition's indexes) and in the namespaces of the timed workload (so its stamps land among
+the prior ones in the (namespace, hash) index). Their workflow ids are time-ordered as the
+orchestrator derives them from UUIDv7 request ids, with times before the run's. Then the same
+fresh workload (decoded envelopes, batches of 5,000, through `ReducerStore.apply`, as the
+reducer node calls it) is timed, three rounds each, in the same database growing from one step
+to the next. Reported: events/s per step, each step's ratio to the first, and the index blocks
+that missed PostgreSQL's buffer cache per 1,000 events.
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ from stampflow.services.postgres import EmbeddedPostgres
 RESULTS = Path(__file__).parent / "results"
 EVENTS_PER_WORKFLOW = 6
 CHUNK = 250_000  # workflows per INSERT
+# The prior workflows' ids carry milliseconds from here on, one per workflow: all before the
+# timed workload's, as a history written before it would be.
+PRIOR_EPOCH_MS = int((time.time() - 30 * 86_400) * 1000)
+
+STATIO_SQL = "SELECT indexrelname, idx_blks_read FROM pg_statio_user_indexes"
 
 PRIOR_SQL = """
 WITH w AS (
     INSERT INTO workflows (workflow_id, namespace, kind, state, seq, request_id, created_at,
                            updated_at, outcome, hash, duration_ms, applied_events)
-    SELECT gen_random_uuid(), 'prior' || (i % 8), 'stamp', 'completed', 4, gen_random_uuid(),
+    SELECT (lpad(to_hex($3::bigint + i), 12, '0') || '7' || substr(md5(i::text), 1, 19))::uuid,
+           'ns' || (i % 8), 'stamp', 'completed', 4, gen_random_uuid(),
            now(), now(), 'stamped', encode(sha256(int8send(i)), 'hex'), 1.0,
            ARRAY[gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), gen_random_uuid(),
                  gen_random_uuid(), gen_random_uuid()]
@@ -73,7 +82,7 @@ async def add_prior(url: str, start: int, workflows: int) -> float:
     try:
         for lo in range(start, start + workflows, CHUNK):
             hi = min(start + workflows, lo + CHUNK) - 1
-            await conn.execute(PRIOR_SQL, lo, hi)
+            await conn.execute(PRIOR_SQL, lo, hi, PRIOR_EPOCH_MS)
         await conn.execute("ANALYZE")
     finally:
         await conn.close()
@@ -97,6 +106,14 @@ async def time_reducer(url: str, workflows: int, rounds: int) -> list[float]:
     return rates
 
 
+async def index_reads(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {row[0]: int(row[1] or 0) for row in await conn.fetch(STATIO_SQL)}
+    finally:
+        await conn.close()
+
+
 async def bytes_per_workflow(url: str) -> tuple[int, float]:
     conn = await asyncpg.connect(url)
     try:
@@ -114,18 +131,28 @@ async def main(prior_steps: list[int], workflows: int, rounds: int) -> dict[str,
         try:
             url = await fresh_db(pg.url())
             await migrate(url)
+            conn = await asyncpg.connect(url)
+            shared_buffers = await conn.fetchval("SHOW shared_buffers")
+            await conn.close()
             steps = []
             have = 0
             for prior in prior_steps:
                 want = prior // EVENTS_PER_WORKFLOW
                 loaded = await add_prior(url, have, want - have) if want > have else 0.0
                 have = want
+                before = await index_reads(url)
                 rates = await time_reducer(url, workflows, rounds)
+                after = await index_reads(url)
+                per_k = 1000 / (workflows * EVENTS_PER_WORKFLOW * rounds)
+                misses = {name: round((after[name] - before.get(name, 0)) * per_k, 2)
+                          for name in after if after[name] > before.get(name, 0)}
                 total, per = await bytes_per_workflow(url)
                 steps.append({"prior_events": prior, "prior_workflows": want,
                               "load_seconds": loaded, "events_per_s": statistics.median(rates),
                               "rounds": rates, "database_bytes": total,
-                              "bytes_per_workflow": per})
+                              "bytes_per_workflow": per,
+                              "index_misses_per_1000_events": dict(sorted(
+                                  misses.items(), key=lambda kv: -kv[1])[:4])})
                 print(f"prior {prior:>11,} events: {statistics.median(rates):,.0f} events/s, "
                       f"{per:,.0f} bytes per workflow", flush=True)
         finally:
@@ -135,6 +162,7 @@ async def main(prior_steps: list[int], workflows: int, rounds: int) -> dict[str,
         step["ratio_to_first"] = step["events_per_s"] / base
     return {"at": datetime.now(UTC).isoformat(), "machine": machine_info(),
             "workload_events": workflows * EVENTS_PER_WORKFLOW, "batch": 5000,
+            "shared_buffers": shared_buffers,
             "steps": steps}
 
 
@@ -145,19 +173,23 @@ def write(result: dict[str, Any], out: Path) -> None:
     lines = [
         f"# Reducer against a growing history — {result['at']}", "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}; "
-        f"{m['postgres']} (fsync off).", "",
+        f"{m['postgres']} (fsync off, shared_buffers {result.get('shared_buffers', '?')}).",
+        "",
         f"Each step: {result['workload_events']:,} new events (stamp workflows) through "
         f"`ReducerStore.apply` in batches of {result['batch']:,}, median of "
         f"{len(result['steps'][0]['rounds'])} rounds; the prior events were written into the "
         "same database before the step. Target: every step within 10% of the first.", "",
         "| prior events | reducer events/s | ratio to no history | database bytes per "
-        "workflow | load time |",
-        "| --- | --- | --- | --- | --- |",
+        "workflow | index blocks read from outside the buffer cache, per 1,000 events | "
+        "load time |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for s in result["steps"]:
+        misses = ", ".join(f"{name} {n:g}" for name, n in
+                           s.get("index_misses_per_1000_events", {}).items()) or "none"
         lines.append(f"| {s['prior_events']:,} | {s['events_per_s']:,.0f} | "
                      f"{s['ratio_to_first']:.2f} | {s['bytes_per_workflow']:,.0f} | "
-                     f"{s['load_seconds']:.0f} s |")
+                     f"{misses} | {s['load_seconds']:.0f} s |")
     (out / "history.md").write_text("\n".join(lines) + "\n")
 
 

@@ -44,7 +44,7 @@ from bench.common import (
 from stampflow.app import RunningNodes, prepare, run_nodes
 from stampflow.bus import make_consumer, make_producer
 from stampflow.client import Client
-from stampflow.contracts.events import StampRequested, decode, envelope_for
+from stampflow.contracts.events import StampRequested, decode, envelope_for, new_event_id
 from stampflow.contracts.nodes import builtin_contract
 from stampflow.migrate import migrate
 from stampflow.nodes.fsm import Taken, WorkflowContext, WorkflowMachine
@@ -347,7 +347,7 @@ async def bench_latency(admin: Endpoints, work: Path, rate: float, seconds: floa
                 delay = t0 + i / rate - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                rid = uuid4()
+                rid = new_event_id()
                 sent[str(rid)] = time.perf_counter()
                 await client.submit_stamp(f"ns{i % 8}", content=os.urandom(1024), event_id=rid,
                                           wait=False)
@@ -593,7 +593,7 @@ def stamp_events(workflows: int) -> list[Any]:
     now = datetime.now(UTC)
     events = []
     for i in range(workflows):
-        rid = uuid4()
+        rid = new_event_id()
         req = envelope_for(StampRequested(content=b"eA=="), namespace=f"ns{i % 8}",
                            event_id=rid, correlation_id=rid, causation_id=None, source="bench",
                            occurred_at=now)

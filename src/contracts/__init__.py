@@ -13,6 +13,7 @@ from stampflow.contracts.events import (
     WorkflowTransitioned,
     decode,
     derive_id,
+    new_event_id,
 )
 from stampflow.contracts.nodes import (
     ContractError,
@@ -46,4 +47,5 @@ __all__ = [
     "derive_id",
     "load_contract",
     "load_contracts",
+    "new_event_id",
 ]

@@ -5,12 +5,18 @@ from __future__ import annotations
 import base64
 from types import TracebackType
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
 
 from stampflow.bus import ensure_topics, make_producer
-from stampflow.contracts.events import Envelope, GenerationRequested, StampRequested, envelope_for
+from stampflow.contracts.events import (
+    Envelope,
+    GenerationRequested,
+    StampRequested,
+    envelope_for,
+    new_event_id,
+)
 from stampflow.errors import StampflowError
 from stampflow.services import Endpoints
 from stampflow.settings import Settings
@@ -43,7 +49,7 @@ class Client:
 
     async def submit(self, namespace: str, payload: Any, *, event_id: UUID | None = None,
                      wait: bool = True) -> Envelope:
-        event_id = event_id or uuid4()
+        event_id = event_id or new_event_id()
         envelope = envelope_for(payload, namespace=namespace, event_id=event_id,
                                 correlation_id=event_id, causation_id=None, source=self.source)
         delivery = await self._producer.send(self.settings.requests_topic,

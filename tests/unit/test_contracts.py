@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from uuid import uuid4
+from uuid import RFC_4122, UUID, uuid4, uuid5
 
 import pytest
 from pydantic import ValidationError
@@ -23,6 +24,7 @@ from stampflow.contracts.events import (
     derive_id,
     derive_seed,
     envelope_for,
+    new_event_id,
     probe_identity,
 )
 from stampflow.contracts.nodes import ContractError, load_contract, load_contracts, parse_contract
@@ -46,7 +48,7 @@ def test_public_surface_is_pinned() -> None:
         "GenerationRequested", "IoPolicy", "NodeContract", "NodeKind", "Payload",
         "StampCreated", "StampRequested", "WorkflowCompleted", "WorkflowFailed",
         "WorkflowTransitioned", "builtin_contract", "decode", "derive_id", "load_contract",
-        "load_contracts",
+        "load_contracts", "new_event_id",
     ])
 
 
@@ -110,6 +112,48 @@ def test_derived_ids_and_seeds_are_deterministic() -> None:
     assert derive_id(rid, "workflow") != derive_id(rid, "t1")
     assert derive_seed(rid) == derive_seed(rid)
     assert 0 <= derive_seed(rid) < 2**63
+
+
+def test_ids_derived_from_a_random_parent_are_the_uuid5_they_always_were() -> None:
+    # A database written before time-ordered ids holds these: a request re-delivered across
+    # an upgrade must find the same workflow and event ids.
+    rid = UUID("1b4e28ba-2fa1-41d2-883f-0016d3cca427")
+    assert derive_id(rid, "workflow") == uuid5(rid, "workflow")
+    assert derive_id(rid, "t", 3) == uuid5(rid, "t:3")
+    assert derive_seed(rid) == uuid5(rid, "seed").int % 2**63
+
+
+def test_new_request_ids_are_uuid7_in_time_order() -> None:
+    before = time.time_ns() // 1_000_000
+    first = new_event_id()
+    time.sleep(0.002)
+    second = new_event_id()
+    after = time.time_ns() // 1_000_000
+    assert first.version == 7 and second.version == 7
+    assert first.variant == second.variant == RFC_4122
+    assert before <= first.int >> 80 <= second.int >> 80 <= after
+    assert first < second
+    assert len({new_event_id() for _ in range(10_000)}) == 10_000
+
+
+def test_ids_derived_from_a_time_ordered_request_sort_with_it() -> None:
+    # What keeps the reducer's indexes growing at their right edge: every id of a workflow
+    # carries its request's milliseconds, so a later request's ids sort after an earlier's.
+    requests = []
+    for _ in range(3):
+        requests.append(new_event_id())
+        time.sleep(0.002)
+    workflows = [derive_id(r, "workflow") for r in requests]
+    events = [derive_id(w, "t1") for w in workflows]
+    assert sorted(workflows) == workflows and sorted(events) == events
+    for r, w, e in zip(requests, workflows, events, strict=True):
+        assert w.version == 8 and e.version == 8 and w.variant == RFC_4122
+        assert r.int >> 80 == w.int >> 80 == e.int >> 80
+    w = workflows[0]
+    assert derive_id(requests[0], "workflow") == w  # deterministic
+    assert len({w, derive_id(requests[0], "t1"), derive_id(w, "t1"), derive_id(w, "t2"),
+                derive_id(w, "t", 1), derive_id(w, "t:1")}) == 5  # only "t",1 == "t:1"
+    assert derive_seed(requests[0]) == uuid5(requests[0], "seed").int % 2**63
 
 
 def test_probe_identity() -> None:
