@@ -9,7 +9,7 @@ partition's indexes) and in the namespaces of the timed workload (so its stamps 
 the prior ones in the (namespace, hash) index). Their workflow ids are time-ordered as the
 orchestrator derives them from UUIDv7 request ids, with times before the run's. Then the same
 fresh workload (decoded envelopes, batches of 5,000, through `ReducerStore.apply`, as the
-reducer node calls it) is timed, three rounds each, in the same database growing from one step
+reducer node calls it) is timed, five rounds each, in the same database growing from one step
 to the next. Reported: events/s per step, each step's ratio to the first, and the index blocks
 that missed PostgreSQL's buffer cache per 1,000 events.
 """
@@ -119,9 +119,10 @@ async def bytes_per_workflow(url: str) -> tuple[int, float]:
     try:
         total = int(await conn.fetchval(SIZE_SQL))
         count = int(await conn.fetchval("SELECT count(*) FROM workflows"))
+        registry = int(await conn.fetchval("SELECT pg_relation_size('stamps_pkey')"))
     finally:
         await conn.close()
-    return total, total / max(1, count)
+    return total, total / max(1, count), registry
 
 
 async def main(prior_steps: list[int], workflows: int, rounds: int) -> dict[str, Any]:
@@ -140,17 +141,20 @@ async def main(prior_steps: list[int], workflows: int, rounds: int) -> dict[str,
                 want = prior // EVENTS_PER_WORKFLOW
                 loaded = await add_prior(url, have, want - have) if want > have else 0.0
                 have = want
+                conn = await asyncpg.connect(url)
+                await conn.execute("ANALYZE")  # every step timed with statistics, the first too
+                await conn.close()
                 before = await index_reads(url)
                 rates = await time_reducer(url, workflows, rounds)
                 after = await index_reads(url)
                 per_k = 1000 / (workflows * EVENTS_PER_WORKFLOW * rounds)
                 misses = {name: round((after[name] - before.get(name, 0)) * per_k, 2)
                           for name in after if after[name] > before.get(name, 0)}
-                total, per = await bytes_per_workflow(url)
+                total, per, registry = await bytes_per_workflow(url)
                 steps.append({"prior_events": prior, "prior_workflows": want,
                               "load_seconds": loaded, "events_per_s": statistics.median(rates),
                               "rounds": rates, "database_bytes": total,
-                              "bytes_per_workflow": per,
+                              "bytes_per_workflow": per, "stamps_index_bytes": registry,
                               "index_misses_per_1000_events": dict(sorted(
                                   misses.items(), key=lambda kv: -kv[1])[:4])})
                 print(f"prior {prior:>11,} events: {statistics.median(rates):,.0f} events/s, "
@@ -180,15 +184,16 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"{len(result['steps'][0]['rounds'])} rounds; the prior events were written into the "
         "same database before the step. Target: every step within 10% of the first.", "",
         "| prior events | reducer events/s | ratio to no history | database bytes per "
-        "workflow | index blocks read from outside the buffer cache, per 1,000 events | "
-        "load time |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "workflow | stamps index | index blocks read from outside the buffer cache, per "
+        "1,000 events | load time |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in result["steps"]:
         misses = ", ".join(f"{name} {n:g}" for name, n in
                            s.get("index_misses_per_1000_events", {}).items()) or "none"
         lines.append(f"| {s['prior_events']:,} | {s['events_per_s']:,.0f} | "
                      f"{s['ratio_to_first']:.2f} | {s['bytes_per_workflow']:,.0f} | "
+                     f"{s.get('stamps_index_bytes', 0) / 2**20:,.0f} MiB | "
                      f"{misses} | {s['load_seconds']:.0f} s |")
     (out / "history.md").write_text("\n".join(lines) + "\n")
 
@@ -199,7 +204,7 @@ def cli() -> None:
     parser.add_argument("--prior", default="0,10000000,50000000",
                         help="comma-separated prior event counts, growing")
     parser.add_argument("--workflows", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     steps = [0, 100_000] if args.quick else [int(x) for x in args.prior.split(",")]
