@@ -125,9 +125,11 @@ async def bytes_per_workflow(url: str) -> tuple[int, float]:
     return total, total / max(1, count), registry
 
 
-async def main(prior_steps: list[int], workflows: int, rounds: int) -> dict[str, Any]:
+async def main(prior_steps: list[int], workflows: int, rounds: int,
+               shared_buffers: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="stampflow-history-") as tmp:
-        pg = EmbeddedPostgres(Path(tmp) / "pg", fast=True)
+        options = {"shared_buffers": shared_buffers} if shared_buffers else {}
+        pg = EmbeddedPostgres(Path(tmp) / "pg", fast=True, options=options)
         pg.start(120)
         try:
             url = await fresh_db(pg.url())
@@ -205,11 +207,14 @@ def cli() -> None:
                         help="comma-separated prior event counts, growing")
     parser.add_argument("--workflows", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shared-buffers", default=None,
+                        help="PostgreSQL's shared_buffers (default: the server's, 128MB)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     steps = [0, 100_000] if args.quick else [int(x) for x in args.prior.split(",")]
     workflows = 2_000 if args.quick else args.workflows
-    result = asyncio.run(main(steps, workflows, 1 if args.quick else args.rounds))
+    result = asyncio.run(main(steps, workflows, 1 if args.quick else args.rounds,
+                              args.shared_buffers))
     write(result, args.out)
 
 

@@ -44,7 +44,7 @@ async def _fetchval(url: str, query: str) -> object:
 
 
 async def test_embedded_postgres_starts_restarts_and_survives_a_crash(tmp_path: Path) -> None:
-    pg = EmbeddedPostgres(tmp_path / "pgdata", fast=True)
+    pg = EmbeddedPostgres(tmp_path / "pgdata", fast=True, options={"shared_buffers": "48MB"})
     started = time.monotonic()
     await asyncio.to_thread(pg.start)
     try:
@@ -53,6 +53,7 @@ async def test_embedded_postgres_starts_restarts_and_survives_a_crash(tmp_path: 
         assert str(version).startswith("PostgreSQL 18"), version
         assert await _fetchval(pg.url(), "show max_connections") == "200"
         assert await _fetchval(pg.url(), "show fsync") == "off"
+        assert await _fetchval(pg.url(), "show shared_buffers") == "48MB"  # options pass on
         await _fetchval(pg.url(), "create table kept as select 42 as v")
         port, first_pid = pg.port, pg.pid
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -138,11 +138,13 @@ class EmbeddedPostgres(_ServerProcess):
     name = "PostgreSQL"
 
     def __init__(self, data_dir: Path, port: int = 0, *, fast: bool = False,
-                 log: Path | None = None, max_connections: int = 200) -> None:
+                 log: Path | None = None, max_connections: int = 200,
+                 options: Mapping[str, str] | None = None) -> None:
         super().__init__(port)
         self.data_dir = data_dir.resolve()
         self.fast = fast
         self.max_connections = max_connections
+        self.options = dict(options or {})  # more server settings (shared_buffers, ...)
         self.log = log or self.data_dir.parent / f"{self.data_dir.name}.log"
         self.password_file = self.data_dir.parent / PASSWORD_FILE
         self._user: pwd.struct_passwd | None = None
@@ -236,6 +238,7 @@ class EmbeddedPostgres(_ServerProcess):
         }
         if self.fast:
             options |= {"fsync": "off", "full_page_writes": "off"}
+        options |= self.options
         args = [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
                 "-h", "127.0.0.1", "-k", sock_dir]
         for name, value in options.items():
