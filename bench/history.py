@@ -114,7 +114,7 @@ async def index_reads(url: str) -> dict[str, int]:
         await conn.close()
 
 
-async def bytes_per_workflow(url: str) -> tuple[int, float]:
+async def bytes_per_workflow(url: str) -> tuple[int, float, int]:
     conn = await asyncpg.connect(url)
     try:
         total = int(await conn.fetchval(SIZE_SQL))
