@@ -195,7 +195,7 @@ def write(result: dict[str, Any], out: Path) -> None:
                            s.get("index_misses_per_1000_events", {}).items()) or "none"
         lines.append(f"| {s['prior_events']:,} | {s['events_per_s']:,.0f} | "
                      f"{s['ratio_to_first']:.2f} | {s['bytes_per_workflow']:,.0f} | "
-                     f"{s.get('stamps_index_bytes', 0) / 2**20:,.0f} MiB | "
+                     f"{int(s.get('stamps_index_bytes', 0)) / 2**20:,.0f} MiB | "
                      f"{misses} | {s['load_seconds']:.0f} s |")
     (out / "history.md").write_text("\n".join(lines) + "\n")
 
