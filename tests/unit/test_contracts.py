@@ -348,3 +348,16 @@ def test_every_stated_threshold_has_a_test_under_its_own_name() -> None:
     assert stated, "no contract states a threshold"
     unchecked = {t for t in stated if not any(n.startswith("test_") and t in n for n in names)}
     assert not unchecked, f"thresholds with no test named after them: {sorted(unchecked)}"
+
+
+@pytest.mark.parametrize("parent", [
+    UUID("ffffffff-ffff-7fff-bfff-ffffffffffff"),  # a producer's v7 from the far future
+    UUID("00000000-0000-7000-8000-000000000000"),  # ... and from 1970
+    UUID("12345678-9abc-8def-8123-456789abcdef"),  # a v8 id of someone else's making
+])
+def test_any_time_ordered_parent_derives_a_valid_child_in_its_millisecond(parent: UUID) -> None:
+    child = derive_id(parent, "workflow")
+    assert child == derive_id(parent, "workflow")
+    assert child.version == 8 and child.variant == RFC_4122
+    assert child.int >> 80 == parent.int >> 80
+    assert derive_id(child, "t1").int >> 80 == parent.int >> 80
